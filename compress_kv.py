@@ -1,0 +1,56 @@
+"""compress_kv: StreamingLLM. Keep the first `sink_size` tokens and a sliding window of the last
+`window_size`; drop the middle. Memory is fixed whatever the length of the text.
+
+Positions (`rope="streaming"`, the default): StreamingLLM gives the cached tokens positions by
+their order in the cache, so no query-key distance exceeds sink + window. RoPE scores depend only
+on distances, and window tokens keep their true distance to the query under that renumbering;
+only the sink's distances shrink, to (sink + window - 1 - j) for sink slot j. So keys are stored
+rotated at their absolute positions and the sink is scored as if the query stood at position
+min(P, sink + window - 1). That is StreamingLLM's attention, exactly, without re-rotating the
+window every step. `rope="original"` keeps absolute distances everywhere (for comparison).
+"""
+import torch
+
+from kv_cache import segment_attention, use_decode_kernel
+from model import apply_rotary_emb
+from sink_window import SinkWindowCache
+
+ROPE_MODES = ("streaming", "original")
+
+
+class CompressedCache(SinkWindowCache):
+    def __init__(self, batch_size, n_kv_heads, head_dim, dtype, device, freqs_cis, sink_size, window_size, rope="streaming", **_):
+        super().__init__(batch_size, n_kv_heads, head_dim, dtype, device, sink_size, window_size, evict_block=1)
+        assert rope in ROPE_MODES
+        self.streaming = rope == "streaming"
+        self.freqs_cis = freqs_cis  # the model's [max_seq, D/2, 2] table, shared
+
+    def sink_shift(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """How far each query sits past the last cache-order position (0 with rope=original)."""
+        if not self.streaming:
+            return torch.zeros_like(input_pos)
+        return (input_pos - (self.sink_size + self.window_size - 1)).clamp(min=0)
+
+    def attend(self, q, input_pos):
+        bsz, _, t, _ = q.shape
+        s = self.sink_size
+        shift = self.sink_shift(input_pos)  # [T]
+        if use_decode_kernel(q):
+            from decode_attention import decode_attention
+
+            # One query: move the sink keys forward by the shift instead of the query back.
+            sink_k = apply_rotary_emb(self.exact_k[:bsz, :, :s].transpose(1, 2), self.freqs_cis[shift].expand(s, -1, -1))
+            k = torch.cat([sink_k.transpose(1, 2), self.exact_k[:bsz, :, s:]], dim=2)
+            mask = self.exact_slot_positions(input_pos[0]) >= 0
+            n = torch.full_like(input_pos, k.shape[2])
+            return decode_attention(q[:, :, 0], k, self.exact_v[:bsz], exact_len=n, exact_mask=mask)[:, :, None]
+
+        recent_pos, recent_k, recent_v = self.take_recent()
+        back = self.freqs_cis[shift] * torch.tensor([1.0, -1.0], device=q.device)  # rotation by -shift
+        q_sink = apply_rotary_emb(q.transpose(1, 2), back).transpose(1, 2)
+        return segment_attention(
+            [
+                (q_sink, self.exact_k[:bsz, :, :s], self.exact_v[:bsz, :, :s], self.sink_mask(input_pos)),
+                (q, recent_k, recent_v, self.recent_mask(input_pos, recent_pos)),
+            ]
+        )

@@ -1,0 +1,458 @@
+"""Flash-decoding attention over a KV cache: exact slots plus an optional quantized body.
+
+One new query token per sequence attends to two segments of its cache at once, under one
+softmax: the *body* (int8 per-token or KIVI int4/int2, see kv_quant.py) and the *exact* slots
+(unquantized, q's dtype). Decode is memory-bound, so the kernel's job is to read every valid
+byte once and nothing past the current length:
+
+- grid (B * Hkv, splits): each program owns one kv head and one chunk of the sequence; it loads
+  each K/V tile once for all n_rep query heads that share it (GQA) and keeps an online softmax;
+- the current length is read on the device and the chunk size derived from it inside the
+  kernel, so the grid is static and a CUDA graph replay sees the cache grow;
+- quantized tiles are dequantized in registers, mostly on the cheap side of the product:
+  int8 and KIVI key scales multiply q or the scores, value scales multiply P;
+- a second small kernel combines the splits' partial outputs with their log-sum-exps.
+
+CUDA tensors go to the Triton kernels, CPU tensors to `decode_attention_reference`, the
+dequantize-then-attend PyTorch definition the kernels are tested against. Triton is imported
+lazily: the module imports (and the reference runs) where triton is not installed.
+"""
+import functools
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+import kv_quant
+
+
+class QuantizedBody(NamedTuple):
+    """The quantized part of a cache, tokens [0, body_len) of capacity L; layouts in kv_quant.
+
+    bits 8: k/v_codes int8 [B, Hkv, L, D], k/v_scale [B, Hkv, L, 1], zeros None.
+    bits 4/2 (KIVI): k/v_codes uint8 [B, Hkv, L, D*bits/8] (planar), k_scale/k_zero
+    [B, Hkv, L/group_size, D] (per channel over token groups), v_scale/v_zero
+    [B, Hkv, L, D/group_size] (per token over channel groups).
+    """
+    bits: int
+    group_size: int
+    k_codes: torch.Tensor
+    k_scale: torch.Tensor
+    k_zero: Optional[torch.Tensor]
+    v_codes: torch.Tensor
+    v_scale: torch.Tensor
+    v_zero: Optional[torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (CPU path and test oracle)
+# ----------------------------------------------------------------------------------------------
+
+def dequantize_body(body: QuantizedBody, dtype=torch.float32):
+    """QuantizedBody -> (k, v), each [B, Hkv, L, D] in `dtype`, with kv_quant's functions."""
+    if body.bits == 8:
+        k = kv_quant.dequantize_symmetric_per_token(body.k_codes, body.k_scale, dtype)
+        v = kv_quant.dequantize_symmetric_per_token(body.v_codes, body.v_scale, dtype)
+        return k, v
+    g = body.group_size
+    k = kv_quant.dequantize_asymmetric(
+        kv_quant.unpack_codes(body.k_codes, body.bits),
+        kv_quant.expand_per_channel(body.k_scale, g),
+        kv_quant.expand_per_channel(body.k_zero, g),
+        dtype,
+    )
+    v = kv_quant.dequantize_asymmetric(
+        kv_quant.unpack_codes(body.v_codes, body.bits),
+        kv_quant.expand_per_token_group(body.v_scale, g),
+        kv_quant.expand_per_token_group(body.v_zero, g),
+        dtype,
+    )
+    return k, v
+
+
+def decode_attention_reference(q, k, v, exact_len, exact_mask=None, body=None, body_len=None, sm_scale=None):
+    """PyTorch definition: dequantize, concatenate [body; exact], masked softmax in fp32.
+
+    No host syncs (lengths stay on the device), so it also runs inside a CUDA graph.
+    """
+    B, Hq, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    n_rep = Hq // Hkv
+    scale = D ** -0.5 if sm_scale is None else sm_scale
+    keys, values = [k.float()], [v.float()]
+    valid = torch.arange(N, device=k.device) < exact_len.reshape(())  # [N]
+    if exact_mask is not None:
+        valid = valid & exact_mask
+    valids = [valid]
+    if body is not None:
+        kb, vb = dequantize_body(body, torch.float32)
+        L = kb.shape[2]
+        keys.insert(0, kb)
+        values.insert(0, vb)
+        valids.insert(0, torch.arange(L, device=k.device) < body_len.reshape(()))
+    keys = torch.cat(keys, dim=2).repeat_interleave(n_rep, dim=1)  # [B, Hq, L+N, D]
+    values = torch.cat(values, dim=2).repeat_interleave(n_rep, dim=1)
+    valid = torch.cat(valids)  # [L+N]
+    scores = torch.einsum("bhd,bhnd->bhn", q.float(), keys) * scale
+    scores = scores.masked_fill(~valid, float("-inf"))
+    # With no valid slot every score is -inf; softmax would give NaN, we give zeros.
+    p = torch.softmax(scores.masked_fill(~valid.any(), 0.0), dim=-1) * valid
+    out = torch.einsum("bhn,bhnd->bhd", p, values.masked_fill(~valid[:, None], 0.0))
+    return out.to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels (defined on first use: triton is optional)
+# ----------------------------------------------------------------------------------------------
+
+# (bits, D) -> (BLOCK_N, num_warps, num_stages); bits 16 = exact slots. Chosen with
+# scripts/bench_attention.py on an H100 (notes/kernel.md); KIVI tiles are also capped at the
+# group size so that a tile's keys share one (scale, zero) row.
+CONFIGS = {
+    (16, 64): (64, 4, 3),
+    (16, 128): (64, 4, 3),
+    (8, 64): (64, 4, 3),
+    (8, 128): (64, 4, 3),
+    (4, 64): (64, 4, 3),
+    (4, 128): (64, 4, 3),
+    (2, 64): (64, 4, 3),
+    (2, 128): (64, 4, 3),
+}
+WAVES = 4  # programs per SM the split grid aims for (partial splits idle when len < capacity)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _partial_kernel(
+        Q, sqb, sqh,
+        K, skb, skh, skn,  # codes (or exact slots)
+        V, svb, svh, svn,
+        KS, KZ, sksb, sksh, sksn,  # key scale / zero (same strides)
+        VS, VZ, svsb, svsh, svsn,  # value scale / zero (same strides)
+        LEN, MASK,
+        O, LSE, so_b, so_h, so_s,  # partial out [B, Hq, S_total, D] fp32, lse [B, Hq, S_total]
+        sl_b, sl_h,
+        qk_scale, Hkv, split_offset, n_splits,
+        N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+        G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // Hkv
+        h = bh % Hkv
+        seg_len = tl.load(LEN).to(tl.int32)
+        # Static grid, dynamic work: chunk of the *current* length, rounded up to the tile.
+        chunk = tl.cdiv(tl.cdiv(seg_len, n_splits), BLOCK_N) * BLOCK_N
+        start = split * chunk
+        end = tl.minimum(start + chunk, seg_len)
+
+        offs_m = tl.arange(0, M)
+        row_ok = offs_m < N_REP
+        heads = h * N_REP + offs_m  # query heads of this kv head
+        offs_d = tl.arange(0, D)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        m_i = tl.full([M], float("-inf"), tl.float32)
+        l_i = tl.zeros([M], tl.float32)
+        q_base = Q + b * sqb + heads * sqh  # [M]
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+
+        if BITS >= 8:
+            q = tl.load(q_base[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [M, D]
+            acc = tl.zeros([M, D], tl.float32)
+        else:
+            NPL: tl.constexpr = 8 // BITS  # codes per byte = planes
+            DP: tl.constexpr = D // NPL  # channels per plane = bytes per token
+            WV: tl.constexpr = G if G < DP else DP  # value chunk: one plane, one channel group
+            NCV: tl.constexpr = D // WV
+            NCPL: tl.constexpr = DP // WV  # value chunks per plane
+            CMASK: tl.constexpr = (1 << BITS) - 1
+            pl = tl.arange(0, NPL)
+            dp = tl.arange(0, DP)
+            ch_k = pl[:, None] * DP + dp[None, :]  # [NPL, DP] channel of (plane, byte col)
+            q3 = tl.load(q_base[None, :, None] + ch_k[:, None, :], mask=row_ok[None, :, None], other=0.0)  # [NPL, M, DP]
+            q3f = q3.to(tl.float32)
+            shift_k = (pl * BITS)[:, None, None]
+            cv = tl.arange(0, NCV)
+            wv = tl.arange(0, WV)
+            vbyte = (cv % NCPL) * WV  # [NCV] first byte column of value chunk c
+            shift_v = ((cv // NCPL) * BITS)[:, None, None]
+            vgroup = (cv * WV) // G  # [NCV] channel group of chunk c
+            acc = tl.zeros([NCV, M, WV], tl.float32)
+        ks_base = KS + b * sksb + h * sksh
+        kz_base = KZ + b * sksb + h * sksh
+        vs_base = VS + b * svsb + h * svsh
+        vz_base = VZ + b * svsb + h * svsh
+
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + offs_n0
+            ok_n = offs_n < end
+            if HAS_MASK:
+                ok_n = ok_n & (tl.load(MASK + offs_n, mask=ok_n, other=0) != 0)
+            # ---- scores [M, BLOCK_N] ----
+            if BITS == 16:
+                kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=ok_n[None, :], other=0.0)
+                s = tl.dot(q, kt)
+            elif BITS == 8:
+                kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=ok_n[None, :], other=0)
+                ks = tl.load(ks_base + offs_n * sksn, mask=ok_n, other=0.0).to(tl.float32)
+                s = tl.dot(q, kt.to(q.dtype)) * ks[None, :]
+            else:
+                # One key group per tile (BLOCK_N divides G): its per-channel scale goes on q.
+                g = n0 // G
+                ksc = tl.load(ks_base + g * sksn + ch_k).to(tl.float32)  # [NPL, DP]
+                kze = tl.load(kz_base + g * sksn + ch_k).to(tl.float32)
+                qs = (q3f * ksc[:, None, :]).to(q3.dtype)  # [NPL, M, DP]
+                bias = tl.sum(tl.sum(q3f * kze[:, None, :], axis=2), axis=0)  # [M]
+                kb = tl.load(k_base + offs_n[None, :] * skn + dp[:, None], mask=ok_n[None, :], other=0)  # [DP, BLOCK_N]
+                kc = ((kb[None, :, :].to(tl.int32) >> shift_k) & CMASK).to(q3.dtype)  # [NPL, DP, BLOCK_N]
+                s = tl.sum(tl.dot(qs, kc), axis=0) + bias[:, None]
+            s = tl.where(ok_n[None, :], s * qk_scale, float("-inf"))
+            # ---- online softmax (base 2); a fully masked row keeps m = -inf, p = 0 ----
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+            # ---- values ----
+            if BITS == 16:
+                vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=ok_n[:, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            elif BITS == 8:
+                vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=ok_n[:, None], other=0)
+                vsc = tl.load(vs_base + offs_n * svsn, mask=ok_n, other=0.0).to(tl.float32)
+                acc = acc * alpha[:, None] + tl.dot((p * vsc[None, :]).to(q.dtype), vt.to(q.dtype))
+            else:
+                vb = tl.load(
+                    v_base + offs_n[None, :, None] * svn + vbyte[:, None, None] + wv[None, None, :],
+                    mask=ok_n[None, :, None], other=0,
+                )  # [NCV, BLOCK_N, WV]: each chunk is one plane of a run of bytes
+                vc = ((vb.to(tl.int32) >> shift_v) & CMASK).to(q3.dtype)
+                vs_ptr = offs_n[None, :] * svsn + vgroup[:, None]  # [NCV, BLOCK_N]
+                vsc = tl.load(vs_base + vs_ptr, mask=ok_n[None, :], other=0.0).to(tl.float32)
+                vze = tl.load(vz_base + vs_ptr, mask=ok_n[None, :], other=0.0).to(tl.float32)
+                pv = tl.dot((p[None, :, :] * vsc[:, None, :]).to(q3.dtype), vc)  # [NCV, M, WV]
+                pz = tl.sum(p[None, :, :] * vze[:, None, :], axis=2)  # [NCV, M]
+                acc = acc * alpha[None, :, None] + pv + pz[:, :, None]
+
+        # ---- partial result of this split: normalized out and log2-sum-exp ----
+        has = l_i > 0
+        inv_l = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        sp = split_offset + split
+        o_row = O + b * so_b + heads * so_h + sp * so_s  # [M]
+        if BITS >= 8:
+            tl.store(o_row[:, None] + offs_d[None, :], acc * inv_l[:, None], mask=row_ok[:, None])
+        else:
+            o_ptr = o_row[None, :, None] + (cv * WV)[:, None, None] + wv[None, None, :]
+            tl.store(o_ptr, acc * inv_l[None, :, None], mask=row_ok[None, :, None])
+        tl.store(LSE + b * sl_b + heads * sl_h + sp, lse, mask=row_ok)
+
+    @triton.jit
+    def _combine_kernel(
+        O, LSE, so_bh, so_s, sl_bh, OUT, sout_b, sout_h, Hq, S,
+        S_PAD: tl.constexpr, D: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        b = bh // Hq
+        hq = bh % Hq
+        offs_s = tl.arange(0, S_PAD)
+        offs_d = tl.arange(0, D)
+        ok = offs_s < S
+        lse = tl.load(LSE + bh * sl_bh + offs_s, mask=ok, other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m)  # 0 for empty splits
+        o = tl.load(O + bh * so_bh + offs_s[:, None] * so_s + offs_d[None, :], mask=ok[:, None], other=0.0)
+        den = tl.sum(w, axis=0)
+        out = tl.sum(o * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
+        tl.store(OUT + b * sout_b + hq * sout_h + offs_d, out.to(OUT.dtype.element_ty))
+
+    return triton, _partial_kernel, _combine_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _block_n(bits, D, group_size, block_n=None):
+    bn = CONFIGS[(bits, D)][0] if block_n is None else block_n
+    if bits in (4, 2):
+        bn = min(bn, group_size)
+    return bn
+
+
+def plan_splits(bh, capacities, block_ns, sm_count, waves=WAVES):
+    """Static split counts per segment from shapes only: ~waves programs per SM in all,
+    shared by capacity, at most one split per tile."""
+    target = max(1, math.ceil(waves * sm_count / bh))
+    total = sum(capacities)
+    splits = []
+    for cap, bn in zip(capacities, block_ns):
+        s = max(1, round(target * cap / max(total, 1)))
+        splits.append(max(1, min(s, math.ceil(cap / bn))))
+    return splits
+
+
+def _decode_attention_triton(q, k, v, exact_len, exact_mask, bits, group_size,
+                             k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, body_len, sm_scale,
+                             config=None, waves=WAVES):
+    """Launch: one partial kernel per segment into one buffer, then one combine.
+
+    `config` overrides (BLOCK_N, num_warps, num_stages) for every segment (benchmark only).
+    """
+    triton, partial_kernel, combine_kernel = _kernels()
+    B, Hq, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    n_rep = Hq // Hkv
+    M = max(16, triton.next_power_of_2(n_rep))
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e): the kernels use exp2
+    segments = []  # (bits, capacity, BLOCK_N, warps, stages)
+    has_body = k_codes is not None
+    if has_body:
+        bn, w, st = config or CONFIGS[(bits, D)]
+        segments.append((bits, k_codes.shape[2], _block_n(bits, D, group_size, bn), w, st))
+    bn, w, st = config or CONFIGS[(16, D)]
+    segments.append((16, N, bn, w, st))
+    # (CPU tensors reach here only under TRITON_INTERPRET=1, in local checks.)
+    sm = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 132
+    splits = plan_splits(B * Hkv, [s[1] for s in segments], [s[2] for s in segments], sm, waves)
+    s_total = sum(splits)
+    o_part = torch.empty(B, Hq, s_total, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, Hq, s_total, device=q.device, dtype=torch.float32)
+    offset = 0
+    for (seg_bits, _, bn, w, st), n_splits in zip(segments, splits):
+        if seg_bits == 16:
+            K, V, LEN, mask = k, v, exact_len, exact_mask
+            KS = KZ = VS = VZ = k  # unused
+            ks_strides = vs_strides = (0, 0, 0)
+        else:
+            K, V, LEN, mask = k_codes, v_codes, body_len, None
+            KS, VS = k_scale, v_scale
+            KZ = k_zero if k_zero is not None else k_scale
+            VZ = v_zero if v_zero is not None else v_scale
+            ks_strides = k_scale.stride()[:3]
+            vs_strides = v_scale.stride()[:3]
+        partial_kernel[(B * Hkv, n_splits)](
+            q, q.stride(0), q.stride(1),
+            K, K.stride(0), K.stride(1), K.stride(2),
+            V, V.stride(0), V.stride(1), V.stride(2),
+            KS, KZ, *ks_strides,
+            VS, VZ, *vs_strides,
+            LEN, mask if mask is not None else LEN,
+            o_part, lse, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+            lse.stride(0), lse.stride(1),
+            qk_scale, Hkv, offset, n_splits,
+            N_REP=n_rep, M=M, D=D, BITS=seg_bits, G=group_size if seg_bits in (4, 2) else 1,
+            BLOCK_N=bn, HAS_MASK=mask is not None, num_warps=w, num_stages=st,
+        )
+        offset += n_splits
+    out = torch.empty_like(q)
+    combine_kernel[(B * Hq,)](
+        o_part, lse, o_part.stride(1), o_part.stride(2), lse.stride(1),
+        out, out.stride(0), out.stride(1), Hq, s_total,
+        S_PAD=triton.next_power_of_2(s_total), D=D, num_warps=4,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom op (flat arguments) and the public wrapper
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("kvcache::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, exact_len: torch.Tensor,
+    exact_mask: Optional[torch.Tensor], bits: int, group_size: int,
+    k_codes: Optional[torch.Tensor], k_scale: Optional[torch.Tensor], k_zero: Optional[torch.Tensor],
+    v_codes: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], v_zero: Optional[torch.Tensor],
+    body_len: Optional[torch.Tensor], sm_scale: float,
+) -> torch.Tensor:
+    if q.is_cuda:
+        mask = exact_mask.view(torch.uint8) if exact_mask is not None else None
+        return _decode_attention_triton(q, k, v, exact_len, mask, bits, group_size,
+                                        k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, body_len, sm_scale)
+    body = None
+    if k_codes is not None:
+        body = QuantizedBody(bits, group_size, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+    return decode_attention_reference(q, k, v, exact_len, exact_mask, body, body_len, sm_scale)
+
+
+@_decode_attention_op.register_fake
+def _(q, k, v, exact_len, exact_mask, bits, group_size, k_codes, k_scale, k_zero,
+      v_codes, v_scale, v_zero, body_len, sm_scale):
+    return torch.empty_like(q)
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(f"decode_attention: {msg}")
+
+
+def _check_args(q, k, v, exact_len, exact_mask, body, body_len):
+    _check(q.dim() == 3, f"q must be [B, Hq, D], got {tuple(q.shape)}")
+    B, Hq, D = q.shape
+    _check(k.dim() == 4 and k.shape == v.shape, f"k, v must be [B, Hkv, N, D] alike, got {tuple(k.shape)}, {tuple(v.shape)}")
+    _check(k.shape[0] == B and k.shape[3] == D, f"k {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    Hkv, N = k.shape[1], k.shape[2]
+    _check(Hq % Hkv == 0, f"Hq={Hq} is not a multiple of Hkv={Hkv}")
+    _check(k.dtype == q.dtype and v.dtype == q.dtype, f"k/v dtype {k.dtype}/{v.dtype} != q dtype {q.dtype}")
+    _check(q.stride(2) == 1 and k.stride(3) == 1 and v.stride(3) == 1, "q, k, v must be contiguous in the last dim")
+    _check(exact_len.numel() == 1 and not exact_len.dtype.is_floating_point, "exact_len must be a one-element int tensor")
+    if exact_mask is not None:
+        _check(exact_mask.dtype == torch.bool and exact_mask.shape == (N,), f"exact_mask must be bool [{N}]")
+    if q.is_cuda:
+        _check(D >= 16 and D & (D - 1) == 0, f"head dim {D} must be a power of two >= 16 for the kernel")
+        _check((16, D) in CONFIGS, f"no kernel config for head dim {D}")
+    if body is None:
+        return
+    _check(body_len is not None and body_len.numel() == 1, "body needs body_len, a one-element int tensor")
+    L = body.k_codes.shape[2]
+    want = (B, Hkv, L)
+    for name in ("k_codes", "v_codes", "k_scale", "v_scale"):
+        t = getattr(body, name)
+        _check(t.dim() == 4 and t.shape[:2] == want[:2], f"body.{name} must be [B={B}, Hkv={Hkv}, ...], got {tuple(t.shape)}")
+        _check(t.stride(3) == 1, f"body.{name} must be contiguous in the last dim")
+    _check(body.k_scale.dtype == q.dtype and body.v_scale.dtype == q.dtype, "body scales must be in q's dtype")
+    if body.bits == 8:
+        _check(body.k_codes.dtype == torch.int8 and body.v_codes.dtype == torch.int8, "bits 8 codes must be int8")
+        _check(body.k_codes.shape == want + (D,) and body.v_codes.shape == want + (D,), "bits 8 codes must be [B, Hkv, L, D]")
+        _check(body.k_scale.shape == want + (1,) and body.v_scale.shape == want + (1,), "bits 8 scales must be [B, Hkv, L, 1]")
+        return
+    _check(body.bits in (4, 2), f"body.bits must be 8, 4 or 2, got {body.bits}")
+    g = body.group_size
+    _check(g >= 16 and g & (g - 1) == 0 and D % g == 0, f"group_size {g} must be a power of two >= 16 dividing D={D}")
+    _check(L % g == 0, f"body capacity {L} must be a multiple of group_size {g}")
+    dp = D * body.bits // 8
+    _check(body.k_codes.dtype == torch.uint8 and body.v_codes.dtype == torch.uint8, "bits 4/2 codes must be uint8")
+    _check(body.k_codes.shape == want + (dp,) and body.v_codes.shape == want + (dp,), f"packed codes must be [B, Hkv, L, {dp}]")
+    _check(dp >= 16 or not q.is_cuda, f"packed rows of {dp} bytes are too narrow for the kernel (D={D}, bits={body.bits})")
+    _check(body.k_zero is not None and body.v_zero is not None, "bits 4/2 need k_zero and v_zero")
+    _check(body.k_scale.shape == (B, Hkv, L // g, D) and body.k_zero.shape == body.k_scale.shape,
+           f"k_scale/k_zero must be [B, Hkv, L/{g}, D]")
+    _check(body.v_scale.shape == want + (D // g,) and body.v_zero.shape == body.v_scale.shape,
+           f"v_scale/v_zero must be [B, Hkv, L, D/{g}]")
+    _check(body.k_zero.stride() == body.k_scale.stride() and body.v_zero.stride() == body.v_scale.stride(),
+           "zeros must have the same strides as their scales")
+
+
+def decode_attention(q, k, v, exact_len, exact_mask=None, body=None, body_len=None, sm_scale=None):
+    """Attention of one new token per sequence over [body; exact slots] with one softmax.
+
+    q [B, Hq, D]; k, v [B, Hkv, N, D] exact slots (slot >= exact_len or exact_mask False ignored);
+    body: QuantizedBody or None, tokens >= body_len ignored. Returns [B, Hq, D] in q's dtype.
+    """
+    _check_args(q, k, v, exact_len, exact_mask, body, body_len)
+    scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+    if body is None:
+        return _decode_attention_op(q, k, v, exact_len, exact_mask, 16, 1,
+                                    None, None, None, None, None, None, None, scale)
+    return _decode_attention_op(q, k, v, exact_len, exact_mask, body.bits, body.group_size,
+                                body.k_codes, body.k_scale, body.k_zero, body.v_codes, body.v_scale,
+                                body.v_zero, body_len, scale)

@@ -1,0 +1,94 @@
+"""The KV-cache interface and the full (uncompressed) cache.
+
+A cache is an nn.Module whose buffers are all allocated in __init__. Attention calls
+    cache.update(input_pos, k, v)   # k, v: [B, H_kv, T, D], RoPE already applied to k
+    y = cache.attend(q, input_pos)  # q: [B, H_q, T, D] -> y: [B, H_q, T, D]
+with input_pos [T] the (contiguous, shared across the batch) positions of the new tokens.
+Neither call may sync with the host or change a shape on the decode path (T == 1), so the
+decode step captures as a CUDA graph; validity is a length or a mask computed from input_pos.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class KVCache(nn.Module):
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes this cache holds on its device (every buffer, as allocated)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def full_cache_nbytes(batch_size: int, n_tokens: int, n_kv_heads: int, head_dim: int, n_layers: int, dtype=torch.bfloat16) -> int:
+    """What a full cache of this many tokens would hold: the baseline memory ratios are taken to."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * batch_size * n_tokens * n_kv_heads * head_dim * n_layers * itemsize
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, T, D] over k, v [B, Hkv, N, D] where mask [T, N] (True = visible); GQA by grouping.
+
+    Every query row must see at least one key (the caller guarantees its own token is visible).
+    """
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True)
+
+
+def use_decode_kernel(q: torch.Tensor) -> bool:
+    """The fused Triton decode kernel serves one-token steps on CUDA; everything else uses PyTorch."""
+    return q.is_cuda and q.shape[2] == 1
+
+
+class FullCache(KVCache):
+    """Static preallocated cache of max_seq_length tokens in the model's dtype (gpt-fast's)."""
+
+    def __init__(self, batch_size: int, max_seq_length: int, n_kv_heads: int, head_dim: int, dtype, device=None, **_):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        self.k_cache[: k.shape[0]].index_copy_(2, input_pos, k)
+        self.v_cache[: v.shape[0]].index_copy_(2, input_pos, v)
+
+    def attend(self, q, input_pos):
+        bsz = q.shape[0]
+        k, v = self.k_cache[:bsz], self.v_cache[:bsz]
+        if use_decode_kernel(q):
+            from decode_attention import decode_attention
+
+            return decode_attention(q[:, :, 0], k, v, exact_len=input_pos + 1)[:, :, None]
+        # Prefill chunks read keys [0, last position] only (one host sync per chunk, off the decode
+        # graph); a CPU decode step masks the whole capacity so it stays sync-free. Either way the
+        # mask is [T, N], never [max_seq, max_seq].
+        if q.shape[2] > 1:
+            n = int(input_pos[-1]) + 1
+            k, v = k[:, :, :n], v[:, :, :n]
+        mask = torch.arange(k.shape[2], device=q.device)[None, :] <= input_pos[:, None]
+        return masked_attention(q, k, v, mask)
+
+
+def segment_attention(segments: list[tuple]) -> torch.Tensor:
+    """One softmax over several key segments that each see their own query.
+
+    segments: (q [B, Hq, T, D], k [B, Hkv, N_i, D], v [B, Hkv, N_i, D], mask [T, N_i]) each.
+    Used where a segment's query is rotated differently (StreamingLLM's sink positions); the
+    scores are materialised in fp32, so keep N small.
+    """
+    q0 = segments[0][0]
+    bsz, n_head, t, d = q0.shape
+    n_kv = segments[0][1].shape[1]
+    scores, values = [], []
+    for q, k, v, mask in segments:
+        qg = q.float().view(bsz, n_kv, n_head // n_kv, t, d)  # [B, Hkv, rep, T, D]
+        s = torch.einsum("bgrtd,bgnd->bgrtn", qg, k.float()) * d**-0.5
+        scores.append(s.masked_fill(~mask, float("-inf")))
+        values.append(v.float())
+    p = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
+    y = torch.einsum("bgrtn,bgnd->bgrtd", p, torch.cat(values, dim=2))
+    return y.reshape(bsz, n_head, t, d).to(q0.dtype)

@@ -1,0 +1,227 @@
+"""A hand-written Llama-architecture transformer (Llama 2/3, Mistral, Qwen2.5, SmolLM2).
+
+The network knows nothing about KV-cache strategies: each Attention owns one cache object and
+calls `cache.update(input_pos, k, v)` then `cache.attend(q, input_pos)`. Everything a strategy
+changes lives behind those two calls (kv_cache.py, compress_kv.py, quantize_kv.py).
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    block_size: int = 2048  # context length the model was trained for
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_head: int = 32
+    dim: int = 4096
+    intermediate_size: Optional[int] = None
+    n_local_heads: int = -1  # KV heads; -1 means n_head (no GQA)
+    head_dim: int = 64
+    rope_base: float = 10000
+    norm_eps: float = 1e-5
+    rope_scaling: Optional[dict] = None  # Llama-3.1 frequency scaling
+    qkv_bias: bool = False  # Qwen2.5
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.n_local_heads == -1:
+            self.n_local_heads = self.n_head
+        if self.intermediate_size is None:
+            hidden = int(2 * (4 * self.dim) / 3)
+            self.intermediate_size = 256 * math.ceil(hidden / 256)
+        self.head_dim = self.dim // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        """A checkpoint folder's name picks the preset: exact match first, then the longest preset
+        name contained in it (so 'Meta-Llama-3.1-8B-Instruct' finds 'llama-3.1-8b')."""
+        key = name.lower()
+        if key in PRESETS:
+            return cls(**PRESETS[key])
+        matches = [p for p in PRESETS if p in key or p in key.replace("meta-", "")]
+        if not matches:
+            raise ValueError(f"unknown model '{name}'; known presets: {', '.join(PRESETS)}")
+        return cls(**PRESETS[max(matches, key=len)])
+
+
+_LLAMA31_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+PRESETS: dict[str, dict] = {
+    "llama-2-7b": dict(n_layer=32, n_head=32, dim=4096, block_size=4096),
+    "mistral-7b": dict(n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, vocab_size=32000, block_size=32768),
+    "llama-3-8b": dict(block_size=8192, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, vocab_size=128256, rope_base=500000),
+    "llama-3.1-8b": dict(block_size=131072, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, vocab_size=128256, rope_base=500000, rope_scaling=_LLAMA31_SCALING),
+    "llama-3.2-1b": dict(block_size=131072, n_layer=16, n_head=32, n_local_heads=8, dim=2048, intermediate_size=8192, vocab_size=128256, rope_base=500000, rope_scaling=dict(_LLAMA31_SCALING, factor=32.0), tie_embeddings=True),
+    "llama-3.2-3b": dict(block_size=131072, n_layer=28, n_head=24, n_local_heads=8, dim=3072, intermediate_size=8192, vocab_size=128256, rope_base=500000, rope_scaling=dict(_LLAMA31_SCALING, factor=32.0), tie_embeddings=True),
+    "qwen2.5-7b": dict(block_size=32768, n_layer=28, n_head=28, n_local_heads=4, dim=3584, intermediate_size=18944, vocab_size=152064, rope_base=1000000, norm_eps=1e-6, qkv_bias=True),
+    "smollm2-135m": dict(block_size=8192, n_layer=30, n_head=9, n_local_heads=3, dim=576, intermediate_size=1536, vocab_size=49152, rope_base=100000, tie_embeddings=True),
+    # Tiny random configs for tests.
+    "tiny": dict(block_size=512, n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=128, vocab_size=256),
+    "tiny-mha": dict(block_size=512, n_layer=2, n_head=4, dim=64, intermediate_size=128, vocab_size=256, qkv_bias=True),
+}
+
+
+# A cache factory builds one cache for one layer: (layer_idx, batch, max_seq, n_kv_heads, head_dim, dtype, rope) -> cache.
+CacheFactory = Callable[..., nn.Module]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelArgs) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.freqs_cis: Optional[torch.Tensor] = None
+        self.max_batch_size = -1
+        self.max_seq_length = -1
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, cache_factory: CacheFactory) -> None:
+        """Give every layer its cache; every buffer is allocated here, once.
+
+        max_seq_length bounds the positions (the RoPE table); a strategy may hold fewer tokens.
+        """
+        dtype = self.tok_embeddings.weight.dtype
+        device = self.tok_embeddings.weight.device
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        self.freqs_cis = precompute_freqs_cis(
+            max_seq_length, self.config.head_dim, self.config.rope_base, self.config.rope_scaling
+        ).to(device)
+        for i, layer in enumerate(self.layers):
+            layer.attention.kv_cache = cache_factory(
+                layer_idx=i,
+                batch_size=max_batch_size,
+                max_seq_length=max_seq_length,
+                n_kv_heads=self.config.n_local_heads,
+                head_dim=self.config.head_dim,
+                dtype=dtype,
+                device=device,
+                freqs_cis=self.freqs_cis,
+            )
+
+    def caches(self) -> list[nn.Module]:
+        return [layer.attention.kv_cache for layer in self.layers]
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """idx [B, T] token ids at positions input_pos [T]; logits [B, T or 1, vocab] in fp32."""
+        assert self.freqs_cis is not None, "call setup_caches() first"
+        freqs_cis = self.freqs_cis[input_pos]
+        x = self.tok_embeddings(idx)
+        for layer in self.layers:
+            x = layer(x, input_pos, freqs_cis)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(x, weight).float()
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), input_pos, freqs_cis)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelArgs) -> None:
+        super().__init__()
+        assert config.dim % config.n_head == 0
+        self.n_head = config.n_head
+        self.n_local_heads = config.n_local_heads
+        self.head_dim = config.head_dim
+        total_head_dim = (config.n_head + 2 * config.n_local_heads) * config.head_dim
+        self.wqkv = nn.Linear(config.dim, total_head_dim, bias=config.qkv_bias)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.kv_cache: Optional[nn.Module] = None
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        kv_size = self.n_local_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, kv_size, kv_size], dim=-1)
+        q = q.view(bsz, seqlen, self.n_head, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        q = apply_rotary_emb(q, freqs_cis)
+        k = apply_rotary_emb(k, freqs_cis)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+
+        self.kv_cache.update(input_pos, k, v)
+        y = self.kv_cache.attend(q, input_pos)  # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(bsz, seqlen, self.n_head * self.head_dim)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelArgs) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def _scale_llama31(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama-3.1 RoPE frequency scaling: long wavelengths slowed by `factor`, short ones kept,
+    a smooth blend between."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    out = torch.where(wavelen > old_ctx / low, freqs / factor, blended)
+    return torch.where(wavelen < old_ctx / high, freqs, out)
+
+
+def precompute_freqs_cis(seq_len: int, head_dim: int, base: float, rope_scaling: Optional[dict] = None) -> torch.Tensor:
+    """cos/sin table [seq_len, head_dim/2, 2] in fp32.
+
+    Angles are computed in float64: at 100K+ positions an fp32 angle is off by ~1e-2 rad.
+    """
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64)[: head_dim // 2] / head_dim))
+    if rope_scaling is not None:
+        freqs = _scale_llama31(freqs, rope_scaling)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).float()
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by freqs_cis [T, D/2, 2]."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # [B, T, H, D/2, 2]
+    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
+    out = torch.stack(
+        [
+            xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
+            xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1],
+        ],
+        dim=-1,
+    )
+    return out.flatten(3).type_as(x)

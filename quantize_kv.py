@@ -1,0 +1,137 @@
+"""quantize_kv: sink and recent window exact, every older token quantized into a preallocated body.
+
+  bits 8    symmetric, one absmax scale per token per KV head; a token is quantized the step it
+            leaves the window (evict_block 1).
+  bits 4/2  KIVI: keys asymmetric per channel over groups of `group_size` tokens (a group is
+            quantized once all of its tokens have left the window, so up to group_size - 1 extra
+            tokens stay exact), values asymmetric per token over groups of `group_size` channels;
+            codes packed planar (kv_quant.pack_codes).
+The most recent tokens are always the exact ones: nothing is quantized before it leaves the window.
+
+Body layout: token-indexed tensors are [B, H, (n_groups + 1) * G, X] (G = evict_block, the +1
+group is a trash group for masked writes); per-group key parameters are [B, H, n_groups + 1, D].
+"""
+import torch
+
+import kv_quant as kq
+from kv_cache import masked_attention, use_decode_kernel
+from sink_window import SinkWindowCache, _floor_div
+
+BITS = (8, 4, 2)
+
+
+class QuantizedCache(SinkWindowCache):
+    def __init__(self, batch_size, max_seq_length, n_kv_heads, head_dim, dtype, device, sink_size, window_size, bits=8, group_size=32, **_):
+        assert bits in BITS
+        block = 1 if bits == 8 else group_size
+        super().__init__(batch_size, n_kv_heads, head_dim, dtype, device, sink_size, window_size, evict_block=block)
+        assert bits == 8 or head_dim % group_size == 0, "group_size must divide head_dim"
+        self.bits, self.group_size = bits, group_size
+        self.n_groups = -(-max(max_seq_length - sink_size, 1) // block)
+        tokens = (self.n_groups + 1) * block
+        b, h, d = batch_size, n_kv_heads, head_dim
+        empty = lambda *shape, dt=dtype: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
+        if bits == 8:
+            buffers = dict(
+                k_codes=empty(b, h, tokens, d, dt=torch.int8), k_scale=empty(b, h, tokens, 1),
+                v_codes=empty(b, h, tokens, d, dt=torch.int8), v_scale=empty(b, h, tokens, 1),
+            )
+        else:
+            packed = d * bits // 8
+            buffers = dict(
+                k_codes=empty(b, h, tokens, packed, dt=torch.uint8),
+                k_scale=empty(b, h, self.n_groups + 1, d), k_zero=empty(b, h, self.n_groups + 1, d),
+                v_codes=empty(b, h, tokens, packed, dt=torch.uint8),
+                v_scale=empty(b, h, tokens, d // group_size), v_zero=empty(b, h, tokens, d // group_size),
+            )
+        for name, buf in buffers.items():
+            self.register_buffer(name, buf, persistent=False)
+
+    # -- eviction: quantize the blocks that leave the window during this chunk --------------
+    def evict(self, input_pos, recent_pos, recent_k, recent_v):
+        g, s, w = self.evict_block, self.sink_size, self.window_size
+        t = input_pos.shape[0]
+        n_cand = (t - 1) // g + 1  # most blocks one chunk can complete
+        first = _floor_div(input_pos[0] - w - s, g)
+        blocks = first + torch.arange(n_cand, device=input_pos.device)  # [n_cand]
+        done = (blocks >= 0) & (s + (blocks + 1) * g - 1 <= input_pos[-1] - w)
+        dest = torch.where(done, blocks, torch.full_like(blocks, self.n_groups))
+        token_pos = s + blocks[:, None] * g + torch.arange(g, device=input_pos.device)  # [n_cand, G]
+        src = (token_pos - recent_pos[0]).clamp(0, recent_pos.shape[0] - 1).flatten()
+        k = recent_k[:, :, src]  # [B, H, n_cand * G, D]
+        v = recent_v[:, :, src]
+        self._write_blocks(dest, k, v, n_cand)
+
+    def _write_blocks(self, dest, k, v, n_cand):
+        bsz, h, _, d = k.shape
+        g, dt = self.evict_block, self.exact_k.dtype
+
+        def put(buf, value):
+            # A body tensor seen as [B, H, n_groups + 1, block bytes]: one row per block slot.
+            buf[:bsz].view(bsz, h, self.n_groups + 1, -1).index_copy_(2, dest, value.reshape(bsz, h, n_cand, -1))
+
+        if self.bits == 8:
+            for name, x in (("k", k), ("v", v)):
+                codes, scale = kq.quantize_symmetric_per_token(x, dt)
+                put(getattr(self, f"{name}_codes"), codes)
+                put(getattr(self, f"{name}_scale"), scale)
+            return
+        kc, ks, kz = kq.quantize_asymmetric_per_channel(k.view(bsz, h, n_cand, g, d), self.bits, dt)
+        put(self.k_codes, kq.pack_codes(kc, self.bits))
+        put(self.k_scale, ks)
+        put(self.k_zero, kz)
+        vc, vs, vz = kq.quantize_asymmetric_per_token_group(v, self.bits, self.group_size, dt)
+        put(self.v_codes, kq.pack_codes(vc, self.bits))
+        put(self.v_scale, vs)
+        put(self.v_zero, vz)
+
+    # -- reads ----------------------------------------------------------------------------
+    def body(self, bsz: int):
+        """The quantized body as decode_attention.QuantizedBody."""
+        from decode_attention import QuantizedBody
+
+        kz = self.k_zero[:bsz] if self.bits != 8 else None
+        vz = self.v_zero[:bsz] if self.bits != 8 else None
+        return QuantizedBody(self.bits, self.evict_block if self.bits != 8 else 1,
+                             self.k_codes[:bsz], self.k_scale[:bsz], kz, self.v_codes[:bsz], self.v_scale[:bsz], vz)
+
+    def dequantized_body(self, bsz: int, dtype):
+        """[B, H, n_groups * G, D] keys and values (the trash block left out)."""
+        n = self.n_groups * self.evict_block
+        if self.bits == 8:
+            k = kq.dequantize_symmetric_per_token(self.k_codes[:bsz, :, :n], self.k_scale[:bsz, :, :n], dtype)
+            v = kq.dequantize_symmetric_per_token(self.v_codes[:bsz, :, :n], self.v_scale[:bsz, :, :n], dtype)
+            return k, v
+        g, ng = self.group_size, self.n_groups
+        kc = kq.unpack_codes(self.k_codes[:bsz, :, :n], self.bits)
+        k = kq.dequantize_asymmetric(kc, kq.expand_per_channel(self.k_scale[:bsz, :, :ng], g),
+                                     kq.expand_per_channel(self.k_zero[:bsz, :, :ng], g), dtype)
+        vc = kq.unpack_codes(self.v_codes[:bsz, :, :n], self.bits)
+        v = kq.dequantize_asymmetric(vc, kq.expand_per_token_group(self.v_scale[:bsz, :, :n], g),
+                                     kq.expand_per_token_group(self.v_zero[:bsz, :, :n], g), dtype)
+        return k, v
+
+    def n_quantized(self, pos: torch.Tensor) -> torch.Tensor:
+        return self.n_evicted(pos)
+
+    def attend(self, q, input_pos):
+        bsz = q.shape[0]
+        if use_decode_kernel(q):
+            from decode_attention import decode_attention
+
+            pos = input_pos[0]
+            mask = self.exact_slot_positions(pos) >= 0
+            n = torch.full_like(input_pos, self.exact_k.shape[2])
+            return decode_attention(q[:, :, 0], self.exact_k[:bsz], self.exact_v[:bsz], exact_len=n, exact_mask=mask,
+                                    body=self.body(bsz), body_len=self.n_quantized(input_pos))[:, :, None]
+
+        # PyTorch path (CPU, prefill, and the kernel's reference): dequantize, then one softmax
+        # over sink + body + recent exact tokens, each masked by what the query's moment holds.
+        recent_pos, recent_k, recent_v = self.take_recent()
+        body_k, body_v = self.dequantized_body(bsz, q.dtype)
+        s = self.sink_size
+        body_mask = torch.arange(body_k.shape[2], device=q.device)[None, :] < self.n_quantized(input_pos)[:, None]
+        k = torch.cat([self.exact_k[:bsz, :, :s], body_k, recent_k.to(q.dtype)], dim=2)
+        v = torch.cat([self.exact_v[:bsz, :, :s], body_v, recent_v.to(q.dtype)], dim=2)
+        mask = torch.cat([self.sink_mask(input_pos), body_mask, self.recent_mask(input_pos, recent_pos)], dim=1)
+        return masked_attention(q, k, v, mask)

@@ -1,0 +1,91 @@
+"""Shared machinery of the sink + sliding-window caches (compress_kv, quantize_kv).
+
+Token at position p lives in:
+  - the sink, slot p, if p < sink_size (kept exact forever);
+  - the ring buffer, slot sink_size + (p - sink_size) % ring_size, while it is still exact;
+  - nowhere (compress_kv) or the quantized body (quantize_kv) once it has been evicted.
+Eviction happens in blocks of `evict_block` tokens (1 for compress_kv and int8; the KIVI group
+size for int4/int2, whose keys are quantized per channel over a whole group): a block is
+evicted once all of its tokens are older than the `window_size` most recent ones. So at
+position P the exact tokens are the sink plus positions [sink + n_evicted(P), P], at least
+`window_size` of them, at most window_size + evict_block - 1: the ring's size.
+
+Sink and ring share one buffer `exact_k/exact_v` [B, H, sink + ring + 1, D]; the last slot is a
+trash slot that absorbs writes which must not land (a masked write without a host sync).
+"""
+import torch
+
+from kv_cache import KVCache
+
+
+def _floor_div(a: torch.Tensor, b: int) -> torch.Tensor:
+    return torch.div(a, b, rounding_mode="floor")
+
+
+class SinkWindowCache(KVCache):
+    def __init__(self, batch_size, n_kv_heads, head_dim, dtype, device, sink_size, window_size, evict_block):
+        super().__init__()
+        self.sink_size, self.window_size, self.evict_block = sink_size, window_size, evict_block
+        self.ring_size = window_size + evict_block - 1
+        self.trash_slot = sink_size + self.ring_size
+        shape = (batch_size, n_kv_heads, self.trash_slot + 1, head_dim)
+        self.register_buffer("exact_k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("exact_v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self._recent = None
+
+    # -- positions -------------------------------------------------------------------------
+    def n_evicted(self, pos: torch.Tensor) -> torch.Tensor:
+        """Non-sink tokens no longer exact once the token at `pos` is in (elementwise)."""
+        past_window = (pos - self.sink_size - self.window_size + 1).clamp(min=0)
+        return _floor_div(past_window, self.evict_block) * self.evict_block
+
+    def slot_of(self, pos: torch.Tensor) -> torch.Tensor:
+        ring = self.sink_size + torch.remainder(pos - self.sink_size, self.ring_size)
+        return torch.where(pos < self.sink_size, pos, ring)
+
+    def exact_slot_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """Position held by each exact slot once the token at scalar-tensor `pos` is written ([N]);
+        -1 where a slot holds nothing valid."""
+        slots = torch.arange(self.trash_slot + 1, device=pos.device)
+        ring_pos = pos - torch.remainder(pos - slots, self.ring_size)
+        held = torch.where(slots < self.sink_size, slots, ring_pos)
+        valid = (held <= pos) & (held >= 0) & (slots < self.trash_slot)
+        valid &= (slots < self.sink_size) | (held >= self.sink_size + self.n_evicted(pos))
+        return torch.where(valid, held, torch.full_like(held, -1))
+
+    # -- writes ----------------------------------------------------------------------------
+    def update(self, input_pos, k, v):
+        bsz, _, t, _ = k.shape
+        # Exact tokens before this chunk, in position order, then the chunk: positions
+        # [P0 - ring, P1]. Kept for attend (a chunk may overwrite ring slots its queries need)
+        # and for eviction (tokens leaving the window come from here).
+        recent_pos = input_pos[0] - self.ring_size + torch.arange(self.ring_size + t, device=k.device)
+        ring_slots = self.slot_of(recent_pos[: self.ring_size].clamp(min=self.sink_size))
+        recent_k = torch.cat([self.exact_k[:bsz, :, ring_slots], k], dim=2)  # [B, H, ring + T, D]
+        recent_v = torch.cat([self.exact_v[:bsz, :, ring_slots], v], dim=2)
+        self._recent = (recent_pos, recent_k, recent_v)
+        self.evict(input_pos, recent_pos, recent_k, recent_v)
+
+        # Only the last `ring` chunk tokens (and sink tokens) are written: no duplicate slots.
+        keep = (input_pos < self.sink_size) | (torch.arange(t, device=k.device) >= t - self.ring_size)
+        slots = torch.where(keep, self.slot_of(input_pos), torch.full_like(input_pos, self.trash_slot))
+        self.exact_k[:bsz].index_copy_(2, slots, k)
+        self.exact_v[:bsz].index_copy_(2, slots, v)
+
+    def evict(self, input_pos, recent_pos, recent_k, recent_v) -> None:
+        """Called before the chunk is written; compress_kv drops, quantize_kv quantizes."""
+
+    # -- attention masks -------------------------------------------------------------------
+    def sink_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """[T, sink]: sink slot j is visible to the query at P iff j <= P."""
+        return torch.arange(self.sink_size, device=input_pos.device)[None, :] <= input_pos[:, None]
+
+    def recent_mask(self, input_pos: torch.Tensor, recent_pos: torch.Tensor) -> torch.Tensor:
+        """[T, ring + T]: a recent token is visible iff it is past the sink, not in the future,
+        and still exact at the query's position."""
+        first_exact = self.sink_size + self.n_evicted(input_pos)  # [T]
+        return (recent_pos[None, :] <= input_pos[:, None]) & (recent_pos[None, :] >= first_exact[:, None])
+
+    def take_recent(self):
+        assert self._recent is not None, "attend() must follow update()"
+        return self._recent

@@ -302,10 +302,11 @@ def plan_splits(bh, capacities, block_ns, sm_count, waves=WAVES):
 
 def _decode_attention_triton(q, k, v, exact_len, exact_mask, bits, group_size,
                              k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, body_len, sm_scale,
-                             config=None, waves=WAVES):
+                             config=None, waves=WAVES, out=None):
     """Launch: one partial kernel per segment into one buffer, then one combine.
 
-    `config` overrides (BLOCK_N, num_warps, num_stages) for every segment (benchmark only).
+    `config` overrides (BLOCK_N, num_warps, num_stages) for every segment (benchmark only);
+    `out` is written in place if given (tests pass a poisoned one).
     """
     triton, partial_kernel, combine_kernel = _kernels()
     B, Hq, D = q.shape
@@ -353,7 +354,8 @@ def _decode_attention_triton(q, k, v, exact_len, exact_mask, bits, group_size,
             BLOCK_N=bn, HAS_MASK=mask is not None, num_warps=w, num_stages=st,
         )
         offset += n_splits
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
     combine_kernel[(B * Hq,)](
         o_part, lse, o_part.stride(1), o_part.stride(2), lse.stride(1),
         out, out.stride(0), out.stride(1), Hq, s_total,

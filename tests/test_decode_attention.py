@@ -1,0 +1,270 @@
+"""decode_attention: the reference against float64 (CPU, CI) and the kernel against the reference (GPU).
+
+Tolerances (relative norm ||out - ref|| / ||ref||):
+- reference vs float64 on fp32 inputs: 1e-5. Both compute the same sums; fp32 accumulation over
+  at most a few thousand terms stays near 1e-6.
+- reference vs float64 on bf16 inputs: 1e-2. The reference rounds its output to bf16 (2**-9
+  relative per element).
+- kernel vs reference (GPU, bf16): 1e-2. The kernel feeds P (and P * value scale, q * key scale
+  for KIVI) to the tensor cores in bf16 and rounds the output to bf16; each is a 2**-9 relative
+  rounding, and they average out over the sum.
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import kv_quant  # noqa: E402
+from decode_attention import QuantizedBody, decode_attention, decode_attention_reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def make_body(B, Hkv, L, D, bits, group_size, dtype, device="cpu", gen=None):
+    """Quantize fresh random keys/values ([B, Hkv, L, D]) into a QuantizedBody with kv_quant.
+
+    gen: a CPU generator (reproducible), or None to draw on `device` directly (fast, for big shapes).
+    """
+    def randn(*shape):
+        return torch.randn(*shape, device=device) if gen is None else torch.randn(*shape, generator=gen).to(device)
+
+    k = randn(B, Hkv, L, D) * 2 + 0.5  # keys: channel offsets
+    v = randn(B, Hkv, L, D)
+    if bits == 8:
+        kc, ks = kv_quant.quantize_symmetric_per_token(k, dtype)
+        vc, vs = kv_quant.quantize_symmetric_per_token(v, dtype)
+        return QuantizedBody(8, group_size, kc, ks, None, vc, vs, None)
+    g = group_size
+    kc, ks, kz = kv_quant.quantize_asymmetric_per_channel(k.reshape(B, Hkv, L // g, g, D), bits, dtype)
+    kc = kv_quant.pack_codes(kc.reshape(B, Hkv, L, D), bits)
+    vc, vs, vz = kv_quant.quantize_asymmetric_per_token_group(v, bits, g, dtype)
+    vc = kv_quant.pack_codes(vc, bits)
+    return QuantizedBody(bits, g, kc, ks.squeeze(-2), kz.squeeze(-2), vc, vs, vz)
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent float64 oracle: its own unpacking and scale expansion, explicit index lists.
+# ---------------------------------------------------------------------------------------------
+
+def _unpack64(packed, bits):
+    n = 8 // bits
+    p = packed.to(torch.int64)
+    planes = [(p >> (i * bits)) & ((1 << bits) - 1) for i in range(n)]  # plane i = channels i*D/n...
+    return torch.cat(planes, dim=-1).double()
+
+
+def _dequant64(body):
+    if body.bits == 8:
+        return (body.k_codes.double() * body.k_scale.double(), body.v_codes.double() * body.v_scale.double())
+    g = body.group_size
+    kc, vc = _unpack64(body.k_codes, body.bits), _unpack64(body.v_codes, body.bits)
+    L, D = kc.shape[2], kc.shape[3]
+    tok_group = torch.arange(L) // g
+    ch_group = torch.arange(D) // g
+    k = body.k_zero.double()[:, :, tok_group] + kc * body.k_scale.double()[:, :, tok_group]
+    v = body.v_zero.double()[..., ch_group] + vc * body.v_scale.double()[..., ch_group]
+    return k, v
+
+
+def oracle(q, k, v, exact_len, exact_mask, body, body_len, sm_scale=None):
+    B, Hq, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if sm_scale is None else sm_scale
+    exact_idx = [i for i in range(N) if i < int(exact_len) and (exact_mask is None or bool(exact_mask[i]))]
+    keys = [k.double()[:, :, exact_idx]]
+    values = [v.double()[:, :, exact_idx]]
+    if body is not None:
+        kb, vb = _dequant64(body)
+        keys.append(kb[:, :, : int(body_len)])
+        values.append(vb[:, :, : int(body_len)])
+    keys, values = torch.cat(keys, 2), torch.cat(values, 2)  # [B, Hkv, T, D]
+    out = torch.zeros(B, Hq, D, dtype=torch.float64)
+    if keys.shape[2] == 0:
+        return out
+    for h in range(Hq):
+        kv = h // (Hq // Hkv)
+        s = torch.einsum("bd,btd->bt", q[:, h].double(), keys[:, kv]) * scale
+        out[:, h] = torch.einsum("bt,btd->bd", torch.softmax(s, -1), values[:, kv])
+    return out
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _case(seed, B, Hkv, n_rep, D, N, exact_len, use_mask, bits, group_size, L, body_len, dtype, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hkv * n_rep, D, generator=gen).to(device, dtype)
+    # The exact slots are a view of a bigger buffer along N, as the caches pass them.
+    kbuf = torch.randn(B, Hkv, N + 5, D, generator=gen).to(device, dtype)
+    vbuf = torch.randn(B, Hkv, N + 5, D, generator=gen).to(device, dtype)
+    k, v = kbuf[:, :, 2 : N + 2], vbuf[:, :, 2 : N + 2]
+    mask = (torch.rand(N, generator=gen) > 0.3).to(device) if use_mask else None
+    el = torch.tensor([exact_len], dtype=torch.int32, device=device)
+    body = bl = None
+    if bits is not None:
+        body = make_body(B, Hkv, L, D, bits, group_size, dtype, device, gen)
+        bl = torch.tensor([body_len], dtype=torch.int64, device=device)
+    return q, k, v, el, mask, body, bl
+
+
+CPU_CASES = [
+    # B, Hkv, n_rep, D, N, exact_len, mask, bits, G, L, body_len
+    (2, 2, 1, 64, 50, 37, False, None, 0, 0, 0),
+    (1, 3, 3, 64, 100, 100, True, None, 0, 0, 0),
+    (2, 2, 4, 128, 70, 61, True, 8, 32, 96, 77),
+    (1, 3, 3, 64, 33, 5, False, 4, 32, 128, 96),
+    (2, 1, 4, 128, 20, 20, True, 4, 16, 64, 50),
+    (1, 2, 1, 128, 40, 0, False, 2, 64, 192, 130),
+    (1, 1, 3, 64, 10, 3, True, 2, 32, 64, 64),
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_reference_matches_float64(case):
+    args = _case(hash(case) % 1000, *case, dtype=torch.float32)
+    out = decode_attention_reference(*args)
+    assert out.dtype == torch.float32 and out.shape == args[0].shape
+    assert rel_err(out, oracle(*args)) < 1e-5
+
+
+@pytest.mark.parametrize("case", CPU_CASES[2:4])
+def test_wrapper_on_cpu_is_reference_bf16(case):
+    args = _case(7, *case, dtype=torch.bfloat16)
+    out = decode_attention(*args)  # CPU dispatch -> reference, through the custom op
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, oracle(*args)) < 1e-2
+
+
+def test_sm_scale_and_nothing_valid():
+    q, k, v, el, mask, body, bl = _case(3, 1, 2, 3, 64, 16, 9, False, 8, 0, 32, 20, torch.float32)
+    out = decode_attention(q, k, v, el, None, body, bl, sm_scale=0.3)
+    assert rel_err(out, oracle(q, k, v, el, None, body, bl, 0.3)) < 1e-5
+    k[:, :, 0] = float("nan")  # an ignored slot must not leak NaN
+    empty = decode_attention(q, k, v, torch.tensor([0]), torch.zeros(16, dtype=torch.bool))
+    assert torch.isfinite(empty).all()
+
+
+def test_bad_arguments_are_reported():
+    q, k, v, el, mask, body, bl = _case(4, 1, 2, 2, 64, 16, 9, False, 4, 32, 64, 40, torch.float32)
+    with pytest.raises(ValueError, match="Hq"):
+        decode_attention(q[:, :3], k, v, el)
+    with pytest.raises(ValueError, match="body_len"):
+        decode_attention(q, k, v, el, None, body, None)
+    with pytest.raises(ValueError, match="exact_mask"):
+        decode_attention(q, k, v, el, torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="v_scale"):
+        decode_attention(q, k, v, el, None, body._replace(v_scale=body.v_scale[..., :1]), bl)
+
+
+def test_custom_op_registration():
+    q, k, v, el, mask, body, bl = _case(5, 1, 2, 2, 64, 16, 9, True, 4, 32, 64, 40, torch.float32)
+    args = (q, k, v, el, mask, 4, 32, *body[2:], bl, 0.125)
+    torch.library.opcheck(torch.ops.kvcache.decode_attention.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the Triton kernel against the reference
+# ---------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA (the Triton kernel)")
+
+GPU_SHAPES = [(3, 3, 64), (8, 4, 128)]  # (Hkv, n_rep, D): the default model, Llama-3-8B
+GPU_BODY = [(None, 0), (8, 32), (4, 32), (4, 128), (2, 32), (2, 64)]  # (bits, group size)
+
+
+def _gpu_compare(case):
+    from decode_attention import _decode_attention_triton
+
+    torch.manual_seed(0)
+    q, k, v, el, mask, body, bl = _case(*case, dtype=torch.bfloat16, device="cuda")
+    ref = decode_attention_reference(q, k, v, el, mask, body, bl)
+    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    flat = (None,) * 6 if body is None else body[2:]
+    _decode_attention_triton(q, k, v, el, None if mask is None else mask.view(torch.uint8),
+                             16 if body is None else body.bits, 1 if body is None else body.group_size,
+                             *flat, bl, q.shape[-1] ** -0.5, out=out)
+    assert torch.isfinite(out).all()
+    err = rel_err(out, ref)
+    assert err < 1e-2, err
+    public = decode_attention(q, k, v, el, mask, body, bl)  # the dispatching op, same launches
+    assert public.dtype == q.dtype and torch.equal(public, out)
+
+
+@gpu
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("length", [1, 37, 1000, 4097])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_kernel_exact_only(B, length, shape, use_mask):
+    Hkv, n_rep, D = shape
+    N = length + 100 if not use_mask else max(length, 64)
+    el = length if not use_mask else N
+    _gpu_compare((length, B, Hkv, n_rep, D, N, el, use_mask, None, 0, 0, 0))
+
+
+@gpu
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("length", [1, 37, 1000, 4097])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("body", GPU_BODY[1:])
+def test_kernel_with_body(B, length, shape, body):
+    Hkv, n_rep, D = shape
+    bits, g = body
+    L = math.ceil((length + 1) / 128) * 128 + 128  # capacity past the valid prefix
+    use_mask = length % 2 == 1
+    _gpu_compare((length, B, Hkv, n_rep, D, 96, 45 if use_mask else 96, use_mask, bits, g, L, length))
+
+
+@gpu
+def test_kernel_ignores_slots_past_length():
+    q, k, v, el, mask, body, bl = _case(11, 2, 8, 4, 128, 512, 300, False, 4, 32, 1024, 500, torch.bfloat16, "cuda")
+    ref = decode_attention_reference(q, k, v, el, mask, body, bl)
+    k[:, :, 300:] = float("nan")
+    v[:, :, 300:] = float("nan")
+    body.v_scale[:, :, 500:] = float("nan")
+    out = decode_attention(q, k, v, el, mask, body, bl)
+    assert rel_err(out, ref) < 1e-2
+    nothing = decode_attention(q, k, v, torch.zeros_like(el), None)
+    assert torch.isfinite(nothing).all()
+
+
+@gpu
+@pytest.mark.parametrize("bits", [None, 8, 2])
+def test_cuda_graph_replay_sees_length_grow(bits):
+    q, k, v, el, mask, body, bl = _case(12, 8, 8, 4, 128, 4096, 100, False, bits, 32, 8192, 1000, torch.bfloat16, "cuda")
+    if bl is None:
+        bl = torch.zeros(1, dtype=torch.int64, device="cuda")
+    static_out = decode_attention(q, k, v, el, None, body, bl if body else None)  # warm up / compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = decode_attention(q, k, v, el, None, body, bl if body else None)
+    for e, b in [(100, 1000), (1001, 4500), (4096, 8192)]:
+        el.fill_(e)
+        bl.fill_(b)
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        ref = decode_attention_reference(q, k, v, el, None, body, bl if body else None)
+        assert rel_err(static_out, ref) < 1e-2, (e, b)
+
+
+@gpu
+def test_torch_compile_reduce_overhead():
+    q, k, v, el, mask, body, bl = _case(13, 4, 3, 3, 64, 2048, 10, False, 4, 32, 4096, 64, torch.bfloat16, "cuda")
+
+    @torch.compile(fullgraph=True, mode="reduce-overhead")
+    def step(q, el, bl):
+        return decode_attention(q * 1.0, k, v, el, None, body, bl) + 0.0
+
+    for e, b in [(10, 64), (11, 96), (700, 2048), (2048, 4095), (5, 4096)]:
+        el.fill_(e)
+        bl.fill_(b)
+        out = step(q, el, bl).clone()
+        ref = decode_attention_reference(q, k, v, el, None, body, bl)
+        assert rel_err(out, ref) < 1e-2, (e, b)

@@ -11,6 +11,7 @@ window every step. `rope="original"` keeps absolute distances everywhere (for co
 """
 import torch
 
+from decode_attention import decode_attention
 from kv_cache import segment_attention, use_decode_kernel
 from model import apply_rotary_emb
 from sink_window import SinkWindowCache
@@ -36,8 +37,6 @@ class CompressedCache(SinkWindowCache):
         s = self.sink_size
         shift = self.sink_shift(input_pos)  # [T]
         if use_decode_kernel(q):
-            from decode_attention import decode_attention
-
             # One query: move the sink keys forward by the shift instead of the query back.
             sink_k = apply_rotary_emb(self.exact_k[:bsz, :, :s].transpose(1, 2), self.freqs_cis[shift].expand(s, -1, -1))
             k = torch.cat([sink_k.transpose(1, 2), self.exact_k[:bsz, :, s:]], dim=2)

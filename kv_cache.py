@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from decode_attention import decode_attention
+
 
 class KVCache(nn.Module):
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -60,8 +62,6 @@ class FullCache(KVCache):
         bsz = q.shape[0]
         k, v = self.k_cache[:bsz], self.v_cache[:bsz]
         if use_decode_kernel(q):
-            from decode_attention import decode_attention
-
             return decode_attention(q[:, :, 0], k, v, exact_len=input_pos + 1)[:, :, None]
         # Prefill chunks read keys [0, last position] only (one host sync per chunk, off the decode
         # graph); a CPU decode step masks the whole capacity so it stays sync-free. Either way the

@@ -14,6 +14,7 @@ group is a trash group for masked writes); per-group key parameters are [B, H, n
 import torch
 
 import kv_quant as kq
+from decode_attention import QuantizedBody, decode_attention
 from kv_cache import masked_attention, use_decode_kernel
 from sink_window import SinkWindowCache, _floor_div
 
@@ -88,8 +89,6 @@ class QuantizedCache(SinkWindowCache):
     # -- reads ----------------------------------------------------------------------------
     def body(self, bsz: int):
         """The quantized body as decode_attention.QuantizedBody."""
-        from decode_attention import QuantizedBody
-
         kz = self.k_zero[:bsz] if self.bits != 8 else None
         vz = self.v_zero[:bsz] if self.bits != 8 else None
         return QuantizedBody(self.bits, self.evict_block if self.bits != 8 else 1,
@@ -117,8 +116,6 @@ class QuantizedCache(SinkWindowCache):
     def attend(self, q, input_pos):
         bsz = q.shape[0]
         if use_decode_kernel(q):
-            from decode_attention import decode_attention
-
             pos = input_pos[0]
             mask = self.exact_slot_positions(pos) >= 0
             n = torch.full_like(input_pos, self.exact_k.shape[2])

@@ -1,0 +1,270 @@
+"""Decode-step speed of every cache strategy against the memory roofline.
+
+    python -m scripts.benchmark --model llama-3.1-8b --batch_sizes 1 8 --contexts 1024 8192 32768 \
+        --long_context 131072 --out outputs/benchmark_8b.json
+
+Random bf16 weights of the preset's shapes (decode speed does not depend on the values) and
+caches filled with random data up to each context length. One compiled decode step
+(CUDA graphs) per (batch, strategy) serves every context: the cache is sized once for the longest
+and the step reads the current position from a device tensor. For each context: the median step
+time over --steps steps, repeated --repeats times; the bytes the step must read (every weight
+once plus the valid part of every cache buffer) over the copy bandwidth measured here gives the
+floor. Writes JSON (every figure, the command, commit and device) and a PNG of step time vs
+context.
+"""
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from generate import decode_one_token, pick_device
+from model import ModelArgs, Transformer
+from strategies import cache_factory
+
+STRATEGY_SETTINGS = {
+    "full": {"strategy": "full"},
+    "compress_kv": {"strategy": "compress_kv", "rope": "streaming"},
+    "int8": {"strategy": "quantize_kv", "bits": 8},
+    "int4": {"strategy": "quantize_kv", "bits": 4},
+    "int2": {"strategy": "quantize_kv", "bits": 2},
+}
+BODY_BUFFERS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+
+
+def random_model(preset: str, device: str, dtype: torch.dtype) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_name(preset))
+    model = model.to(dtype).to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def fill_caches(model: Transformer) -> None:
+    """Random contents everywhere: the step's cost must not depend on zeros."""
+    with torch.no_grad():
+        for cache in model.caches():
+            for name, buf in cache.named_buffers():
+                if "scale" in name:
+                    buf.uniform_(0.01, 0.05)
+                elif buf.dtype == torch.int8:
+                    buf.random_(-127, 128)
+                elif buf.dtype == torch.uint8:
+                    buf.random_(0, 256)
+                else:
+                    buf.normal_(0, 1)
+
+
+def bytes_read(model: Transformer, batch: int, pos: int) -> int:
+    """What one decode step at position `pos` must read from device memory: every weight once
+    (only `batch` rows of an untied embedding table) plus the valid part of every cache buffer."""
+    c = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not c.tie_embeddings:
+        emb = model.tok_embeddings.weight
+        weights -= emb.numel() * emb.element_size() - batch * c.dim * emb.element_size()
+    kv = 0
+    for cache in model.caches():
+        for name, buf in cache.named_buffers():
+            size = buf.numel() * buf.element_size()
+            if name in ("k_cache", "v_cache"):
+                size = size * (pos + 1) // buf.shape[2]
+            elif name in BODY_BUFFERS:
+                body_tokens = cache.n_groups * cache.evict_block
+                size = size * int(cache.n_quantized(torch.tensor(pos))) // body_tokens
+            kv += size
+    return weights + kv
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes read + written per second by a large device-to-device copy (median of 20)."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 256)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del src, dst
+    return 2 * n / statistics.median(times[5:])
+
+
+def time_steps(step, model, x, input_pos, n: int, cuda: bool) -> list[float]:
+    """Per-step milliseconds of n decode steps (CUDA events on the GPU)."""
+    out = []
+    for _ in range(n):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(model, x, input_pos, 0.0, None)
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            step(model, x, input_pos, 0.0, None)
+            out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def top_kernels(step, model, x, input_pos, n: int = 5) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step(model, x, input_pos, 0.0, None)
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:n]
+    total = sum(e.device_time_total for e in prof.key_averages()) or 1
+    return [{"name": e.key[:120], "share": e.device_time_total / total} for e in rows]
+
+
+def bench_config(model, batch, name, args, device, bandwidth) -> list[dict]:
+    cuda = device.startswith("cuda")
+    contexts = list(args.contexts) + ([args.long_context] if batch == 1 and args.long_context else [])
+    settings = dict(STRATEGY_SETTINGS[name])
+    if settings["strategy"] != "full":
+        settings.update(sink_size=args.sink_size, window_size=args.window_size)
+    if settings["strategy"] == "quantize_kv":
+        settings["group_size"] = args.group_size
+    max_seq = max(contexts) + 8
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model.setup_caches(batch, max_seq, cache_factory(settings))
+    fill_caches(model)
+    kv_bytes = sum(c.nbytes() for c in model.caches())
+    step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if args.compile else decode_one_token
+    x = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    input_pos = torch.tensor([contexts[0]], device=device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(3):
+            step(model, x, input_pos, 0.0, None)
+        if cuda:
+            torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t
+        rows = []
+        for ctx in contexts:
+            input_pos.fill_(ctx)
+            time_steps(step, model, x, input_pos, 5, cuda)
+            medians = [statistics.median(time_steps(step, model, x, input_pos, args.steps, cuda)) for _ in range(args.repeats)]
+            ms = statistics.median(medians)
+            need = bytes_read(model, batch, ctx)
+            row = {
+                "batch": batch, "context": ctx, "strategy": name, "settings": settings, "ms_per_step": ms,
+                "ms_repeat_medians": medians, "tokens_per_s": batch * 1000 / ms, "bytes_read": need,
+                "floor_ms": need / bandwidth * 1000 if bandwidth else None, "kv_bytes": kv_bytes,
+                "compile_s": compile_s,
+            }
+            row["roofline_fraction"] = row["floor_ms"] / ms if bandwidth else None
+            rows.append(row)
+            print(f"  batch {batch:2d} ctx {ctx:6d} {name:11s} {ms:8.3f} ms/step  floor {row['floor_ms'] or 0:7.3f} ms"
+                  f"  ({(row['roofline_fraction'] or 0):.0%} of roofline)", flush=True)
+        if cuda:
+            kernels = top_kernels(step, model, x, input_pos)
+            peak = torch.cuda.max_memory_allocated()
+            for row in rows:
+                row["peak_memory_bytes"] = peak
+            rows[-1]["top_kernels"] = kernels
+    del step
+    torch._dynamo.reset()
+    model.setup_caches(1, 8, cache_factory({"strategy": "full"}))  # release the big caches
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        for name in STRATEGY_SETTINGS:
+            pts = sorted((r["context"], r["ms_per_step"]) for r in rows if r["batch"] == b and r["strategy"] == name)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("ms per decode step")
+        ax.set_title(f"batch {b}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def git_commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3.1-8b", help="preset whose shapes are benchmarked")
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
+    p.add_argument("--long_context", type=int, default=131072, help="extra context at batch 1 (0 to skip)")
+    p.add_argument("--strategies", nargs="+", choices=list(STRATEGY_SETTINGS), default=list(STRATEGY_SETTINGS))
+    p.add_argument("--sink_size", type=int, default=16)
+    p.add_argument("--window_size", type=int, default=32)
+    p.add_argument("--group_size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no_compile", dest="compile", action="store_false", help="eager decode (CPU smoke runs)")
+    p.add_argument("--out", type=Path, default=Path("outputs/benchmark.json"))
+    args = p.parse_args()
+    try:
+        device = pick_device(args.device)
+    except Exception as e:
+        sys.exit(f"error: {e}")
+    if args.out.exists():
+        sys.exit(f"error: {args.out} exists; pass another --out (results are never overwritten)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    bandwidth = copy_bandwidth(device) if cuda else None
+    if bandwidth:
+        print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    model = random_model(args.model, device, dtype)
+    result = {
+        "command": " ".join(sys.argv), "commit": git_commit(), "model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth, "rows": [], "errors": [],
+    }
+    for batch in args.batch_sizes:
+        for name in args.strategies:
+            try:
+                result["rows"] += bench_config(model, batch, name, args, device, bandwidth)
+            except torch.cuda.OutOfMemoryError as e:
+                result["errors"].append({"batch": batch, "strategy": name, "error": f"out of memory: {e}"[:300]})
+                print(f"  batch {batch} {name}: out of memory", flush=True)
+                torch._dynamo.reset()
+                gc.collect()
+                torch.cuda.empty_cache()
+            args.out.write_text(json.dumps(result, indent=1))
+    plot(result["rows"], args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -71,13 +71,14 @@ def load_model(checkpoint: Path, device: str, dtype: torch.dtype, model_name: Op
         model = Transformer(config)
     try:
         state = torch.load(checkpoint, mmap=True, weights_only=True, map_location="cpu")
+    except Exception as e:  # a truncated or foreign file: pickle / zip errors of many kinds
+        raise UserError(f"{checkpoint} could not be read ({type(e).__name__}: {str(e)[:150]}); delete it and re-create it")
+    try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise UserError(f"{checkpoint} is not a valid checkpoint for preset '{model_name or checkpoint.parent.name}' "
-                        f"({first[:200]}); re-create it with the conversion script")
-    except Exception as e:  # a truncated or foreign file: pickle / zip errors of many kinds
-        raise UserError(f"{checkpoint} could not be read ({type(e).__name__}: {e}); delete it and re-create it")
+        raise UserError(f"{checkpoint} does not fit preset '{model_name or checkpoint.parent.name}' ({first[:200]}); "
+                        f"pass the right --model_name or re-create it with the conversion script")
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -247,17 +248,20 @@ def setup(model: Transformer, settings: dict, batch_size: int, max_seq_length: i
 
 
 def kv_stats(model: Transformer, batch_size: int, n_tokens: int) -> dict:
+    """Bytes the caches hold vs a full cache of the same length in bf16 (fp32 on a CPU run, so
+    the ratio measures the strategy, not the precision)."""
     c = model.config
     held = sum(cache.nbytes() for cache in model.caches())
-    full = full_cache_nbytes(batch_size, n_tokens, c.n_local_heads, c.head_dim, c.n_layer)
-    return {"kv_bytes": held, "kv_bytes_full_bf16": full, "kv_ratio": held / full}
+    dtype = torch.float32 if model.tok_embeddings.weight.dtype == torch.float32 else torch.bfloat16
+    full = full_cache_nbytes(batch_size, n_tokens, c.n_local_heads, c.head_dim, c.n_layer, dtype)
+    return {"kv_bytes": held, "kv_bytes_full": full, "kv_full_dtype": str(dtype).removeprefix("torch."), "kv_ratio": held / full}
 
 
 def format_stats(r: dict) -> str:
     mem = f", peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB" if r.get("peak_memory_bytes") else ""
     return (f"time to first token {r['ttft_s'] * 1000:.1f} ms, decode {r['tokens_per_s']:.1f} tokens/s "
             f"({r['decode_tokens']} tokens x batch {r['batch_size']}), KV cache {r['kv_bytes'] / 2**20:.2f} MiB = "
-            f"{r['kv_ratio']:.2f}x a full bf16 cache of {r['n_tokens']} tokens{mem}")
+            f"{r['kv_ratio']:.2f}x a full {r['kv_full_dtype']} cache of {r['n_tokens']} tokens{mem}")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -265,8 +269,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
     checkpoint = resolve_checkpoint(args.checkpoint_path)
-    tokenizer = load_tokenizer(checkpoint)
     model = load_model(checkpoint, device, dtype, args.model_name)
+    tokenizer = load_tokenizer(checkpoint)
     settings = strategy_settings(args)
 
     ids = encode_prompt(args, tokenizer)
@@ -277,8 +281,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     setup(model, settings, args.batch_size, max_seq_length)
     step = compiled_step(device, args.compile)
     prefill_fn = torch.compile(prefill, dynamic=True) if args.compile_prefill else prefill
-    if args.compile or args.compile_prefill:
-        # Compilation and CUDA-graph recording happen here, not inside the timed samples.
+    if args.compile or args.compile_prefill or args.profile:
+        # Compilation, CUDA-graph recording and first-call costs (cuBLAS, Triton JIT) happen here,
+        # not inside the timed samples or the profiled window.
         with torch.no_grad():
             generate(model, prompt, min(args.max_new_tokens, 16), step, args.temperature, args.top_k, args.prefill_chunk, prefill_fn)
 
@@ -287,19 +292,19 @@ def run(args: argparse.Namespace) -> list[dict]:
     for i in range(args.num_samples):
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        stream = tokenizer.stream_decoder() if args.batch_size == 1 else None
-        if stream is not None:
+        stream = tokenizer.stream() if args.batch_size == 1 else None
+        if stream is not None and not args.chat:
             print(tokenizer.decode(ids), end="", flush=True)
 
         def show(tok):
-            if stream is not None:
+            if stream is not None and int(tok[0, 0]) not in tokenizer.eos_ids:
                 print(stream.push(int(tok[0, 0])), end="", flush=True)
 
         profiler = contextlib.nullcontext()
         if args.profile and i == args.num_samples - 1:
             from profiling import profile_run
 
-            profiler = profile_run(args.profile, overwrite=args.overwrite, device=device)
+            profiler = profile_run(args.profile, overwrite=args.overwrite, device=device, model=model, settings=settings)
         with torch.no_grad(), profiler:
             r = generate(model, prompt, args.max_new_tokens, step, args.temperature, args.top_k,
                          args.prefill_chunk, prefill_fn, frozenset(tokenizer.eos_ids), show)

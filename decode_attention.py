@@ -106,19 +106,19 @@ def decode_attention_reference(q, k, v, exact_len, exact_mask=None, body=None, b
 # ----------------------------------------------------------------------------------------------
 
 # (bits, D) -> (BLOCK_N, num_warps, num_stages); bits 16 = exact slots. Chosen with
-# scripts/bench_attention.py on an H100 (notes/kernel.md); KIVI tiles are also capped at the
-# group size so that a tile's keys share one (scale, zero) row.
+# scripts/bench_attention.py on an H100 (notes/kernel.md).
 CONFIGS = {
-    (16, 64): (64, 4, 3),
-    (16, 128): (64, 4, 3),
-    (8, 64): (64, 4, 3),
-    (8, 128): (64, 4, 3),
+    (16, 64): (64, 4, 4),
+    (16, 128): (64, 4, 4),
+    (8, 64): (128, 4, 3),
+    (8, 128): (128, 4, 3),
     (4, 64): (64, 4, 3),
     (4, 128): (64, 4, 3),
     (2, 64): (64, 4, 3),
     (2, 128): (64, 4, 3),
 }
-WAVES = 4  # programs per SM the split grid aims for (partial splits idle when len < capacity)
+WAVES = 8  # programs per SM the split grid aims for (partial splits idle when len < capacity)
+MIN_SPLIT = 256  # tokens of capacity per split at least: below that the combine costs more
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,7 +136,7 @@ def _kernels():
         LEN, MASK,
         O, LSE, so_b, so_h, so_s,  # partial out [B, Hq, S_total, D] fp32, lse [B, Hq, S_total]
         sl_b, sl_h,
-        qk_scale, Hkv, split_offset, n_splits,
+        qk_scale, Hkv, split_offset, n_splits, cap,
         N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
     ):
@@ -144,7 +144,7 @@ def _kernels():
         split = tl.program_id(1)
         b = bh // Hkv
         h = bh % Hkv
-        seg_len = tl.load(LEN).to(tl.int32)
+        seg_len = tl.minimum(tl.load(LEN).to(tl.int32), cap)  # never past the buffer
         # Static grid, dynamic work: chunk of the *current* length, rounded up to the tile.
         chunk = tl.cdiv(tl.cdiv(seg_len, n_splits), BLOCK_N) * BLOCK_N
         start = split * chunk
@@ -161,28 +161,25 @@ def _kernels():
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
 
+        q = tl.load(q_base[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [M, D]
         if BITS >= 8:
-            q = tl.load(q_base[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [M, D]
             acc = tl.zeros([M, D], tl.float32)
         else:
-            NPL: tl.constexpr = 8 // BITS  # codes per byte = planes
-            DP: tl.constexpr = D // NPL  # channels per plane = bytes per token
-            WV: tl.constexpr = G if G < DP else DP  # value chunk: one plane, one channel group
-            NCV: tl.constexpr = D // WV
-            NCPL: tl.constexpr = DP // WV  # value chunks per plane
+            # KIVI. Channel c of a token is plane c // DP of byte c % DP: loading that byte for
+            # every channel (each byte NPL times, from L1) gives codes in channel order.
+            DP: tl.constexpr = D * BITS // 8  # bytes per token
             CMASK: tl.constexpr = (1 << BITS) - 1
-            pl = tl.arange(0, NPL)
-            dp = tl.arange(0, DP)
-            ch_k = pl[:, None] * DP + dp[None, :]  # [NPL, DP] channel of (plane, byte col)
-            q3 = tl.load(q_base[None, :, None] + ch_k[:, None, :], mask=row_ok[None, :, None], other=0.0)  # [NPL, M, DP]
-            q3f = q3.to(tl.float32)
-            shift_k = (pl * BITS)[:, None, None]
-            cv = tl.arange(0, NCV)
-            wv = tl.arange(0, WV)
-            vbyte = (cv % NCPL) * WV  # [NCV] first byte column of value chunk c
-            shift_v = ((cv // NCPL) * BITS)[:, None, None]
-            vgroup = (cv * WV) // G  # [NCV] channel group of chunk c
-            acc = tl.zeros([NCV, M, WV], tl.float32)
+            NG: tl.constexpr = D // G  # value channel groups
+            R: tl.constexpr = BLOCK_N // G if BLOCK_N > G else 1  # key token groups per tile
+            byte_d = offs_d % DP
+            shift_d = (offs_d // DP) * BITS
+            qf = q.to(tl.float32)
+            offs_g = tl.arange(0, NG)
+            offs_r = tl.arange(0, R)
+            # Values: row block g of acc holds P * v_scale[:, g] . codes (all channels); the
+            # channels of group g are picked from block g at the end. z: sum P * v_zero.
+            acc = tl.zeros([NG * M, D], tl.float32)
+            z_acc = tl.zeros([NG, M], tl.float32)
         ks_base = KS + b * sksb + h * sksh
         kz_base = KZ + b * sksb + h * sksh
         vs_base = VS + b * svsb + h * svsh
@@ -202,15 +199,25 @@ def _kernels():
                 ks = tl.load(ks_base + offs_n * sksn, mask=ok_n, other=0.0).to(tl.float32)
                 s = tl.dot(q, kt.to(q.dtype)) * ks[None, :]
             else:
-                # One key group per tile (BLOCK_N divides G): its per-channel scale goes on q.
-                g = n0 // G
-                ksc = tl.load(ks_base + g * sksn + ch_k).to(tl.float32)  # [NPL, DP]
-                kze = tl.load(kz_base + g * sksn + ch_k).to(tl.float32)
-                qs = (q3f * ksc[:, None, :]).to(q3.dtype)  # [NPL, M, DP]
-                bias = tl.sum(tl.sum(q3f * kze[:, None, :], axis=2), axis=0)  # [M]
-                kb = tl.load(k_base + offs_n[None, :] * skn + dp[:, None], mask=ok_n[None, :], other=0)  # [DP, BLOCK_N]
-                kc = ((kb[None, :, :].to(tl.int32) >> shift_k) & CMASK).to(q3.dtype)  # [NPL, DP, BLOCK_N]
-                s = tl.sum(tl.dot(qs, kc), axis=0) + bias[:, None]
+                # Key scales are per channel over G tokens: put them on q, one q row block per
+                # token group of the tile (R of them), zero points as a bias q . zero. q * scale
+                # goes to the tensor cores as bf16 hi + lo parts: one bf16 rounding would cost
+                # ~2**-9 of |q * scale * code|, which a 15-level code magnifies past 1e-2.
+                grp = n0 // G + offs_r  # [R]
+                grp_ok = grp * G < end
+                kp = grp[:, None] * sksn + offs_d[None, :]  # [R, D]
+                ksc = tl.load(ks_base + kp, mask=grp_ok[:, None], other=0.0).to(tl.float32)
+                kze = tl.load(kz_base + kp, mask=grp_ok[:, None], other=0.0).to(tl.float32)
+                qs = tl.reshape(qf[None, :, :] * ksc[:, None, :], [R * M, D])
+                qs_hi = qs.to(q.dtype)
+                qs_lo = (qs - qs_hi.to(tl.float32)).to(q.dtype)
+                bias = tl.sum(qf[None, :, :] * kze[:, None, :], axis=2)  # [R, M]
+                kb = tl.load(k_base + offs_n[None, :] * skn + byte_d[:, None], mask=ok_n[None, :], other=0)  # [D, BLOCK_N]
+                kc = ((kb.to(tl.int32) >> shift_d[:, None]) & CMASK).to(q.dtype)
+                s_all = tl.dot(qs_lo, kc, tl.dot(qs_hi, kc))  # [R * M, BLOCK_N]
+                s3 = tl.reshape(s_all, [R, M, BLOCK_N]) + bias[:, :, None]
+                own = (offs_n0 // G)[None, None, :] == offs_r[:, None, None]  # token's group block
+                s = tl.sum(tl.where(own, s3, 0.0), axis=0)
             s = tl.where(ok_n[None, :], s * qk_scale, float("-inf"))
             # ---- online softmax (base 2); a fully masked row keeps m = -inf, p = 0 ----
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -228,17 +235,17 @@ def _kernels():
                 vsc = tl.load(vs_base + offs_n * svsn, mask=ok_n, other=0.0).to(tl.float32)
                 acc = acc * alpha[:, None] + tl.dot((p * vsc[None, :]).to(q.dtype), vt.to(q.dtype))
             else:
-                vb = tl.load(
-                    v_base + offs_n[None, :, None] * svn + vbyte[:, None, None] + wv[None, None, :],
-                    mask=ok_n[None, :, None], other=0,
-                )  # [NCV, BLOCK_N, WV]: each chunk is one plane of a run of bytes
-                vc = ((vb.to(tl.int32) >> shift_v) & CMASK).to(q3.dtype)
-                vs_ptr = offs_n[None, :] * svsn + vgroup[:, None]  # [NCV, BLOCK_N]
-                vsc = tl.load(vs_base + vs_ptr, mask=ok_n[None, :], other=0.0).to(tl.float32)
-                vze = tl.load(vz_base + vs_ptr, mask=ok_n[None, :], other=0.0).to(tl.float32)
-                pv = tl.dot((p[None, :, :] * vsc[:, None, :]).to(q3.dtype), vc)  # [NCV, M, WV]
-                pz = tl.sum(p[None, :, :] * vze[:, None, :], axis=2)  # [NCV, M]
-                acc = acc * alpha[None, :, None] + pv + pz[:, :, None]
+                vb = tl.load(v_base + offs_n[:, None] * svn + byte_d[None, :], mask=ok_n[:, None], other=0)  # [BLOCK_N, D]
+                vc = ((vb.to(tl.int32) >> shift_d[None, :]) & CMASK).to(q.dtype)
+                vp = offs_g[:, None] + offs_n[None, :] * svsn  # [NG, BLOCK_N]
+                vsc = tl.load(vs_base + vp, mask=ok_n[None, :], other=0.0).to(tl.float32)
+                vze = tl.load(vz_base + vp, mask=ok_n[None, :], other=0.0).to(tl.float32)
+                a = tl.reshape(p[None, :, :] * vsc[:, None, :], [NG * M, BLOCK_N])  # (hi + lo, as for q)
+                a_hi = a.to(q.dtype)
+                a_lo = (a - a_hi.to(tl.float32)).to(q.dtype)
+                alpha_g = tl.reshape(tl.broadcast_to(alpha[None, :], [NG, M]), [NG * M])
+                acc = tl.dot(a_lo, vc, tl.dot(a_hi, vc, acc * alpha_g[:, None]))
+                z_acc = z_acc * alpha[None, :] + tl.sum(p[None, :, :] * vze[:, None, :], axis=2)
 
         # ---- partial result of this split: normalized out and log2-sum-exp ----
         has = l_i > 0
@@ -246,11 +253,11 @@ def _kernels():
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         sp = split_offset + split
         o_row = O + b * so_b + heads * so_h + sp * so_s  # [M]
-        if BITS >= 8:
-            tl.store(o_row[:, None] + offs_d[None, :], acc * inv_l[:, None], mask=row_ok[:, None])
-        else:
-            o_ptr = o_row[None, :, None] + (cv * WV)[:, None, None] + wv[None, None, :]
-            tl.store(o_ptr, acc * inv_l[None, :, None], mask=row_ok[None, :, None])
+        if BITS < 8:
+            own_g = offs_g[:, None] == (offs_d // G)[None, :]  # [NG, D] channel's group block
+            acc3 = tl.reshape(acc, [NG, M, D]) + z_acc[:, :, None]
+            acc = tl.sum(tl.where(own_g[:, None, :], acc3, 0.0), axis=0)  # [M, D]
+        tl.store(o_row[:, None] + offs_d[None, :], acc * inv_l[:, None], mask=row_ok[:, None])
         tl.store(LSE + b * sl_b + heads * sl_h + sp, lse, mask=row_ok)
 
     @triton.jit
@@ -281,22 +288,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _block_n(bits, D, group_size, block_n=None):
-    bn = CONFIGS[(bits, D)][0] if block_n is None else block_n
-    if bits in (4, 2):
-        bn = min(bn, group_size)
-    return bn
-
-
 def plan_splits(bh, capacities, block_ns, sm_count, waves=WAVES):
     """Static split counts per segment from shapes only: ~waves programs per SM in all,
-    shared by capacity, at most one split per tile."""
+    shared by capacity, at least MIN_SPLIT tokens (and one tile) per split."""
     target = max(1, math.ceil(waves * sm_count / bh))
     total = sum(capacities)
     splits = []
     for cap, bn in zip(capacities, block_ns):
         s = max(1, round(target * cap / max(total, 1)))
-        splits.append(max(1, min(s, math.ceil(cap / bn))))
+        splits.append(max(1, min(s, math.ceil(cap / max(bn, MIN_SPLIT)))))
     return splits
 
 
@@ -318,7 +318,7 @@ def _decode_attention_triton(q, k, v, exact_len, exact_mask, bits, group_size,
     has_body = k_codes is not None
     if has_body:
         bn, w, st = config or CONFIGS[(bits, D)]
-        segments.append((bits, k_codes.shape[2], _block_n(bits, D, group_size, bn), w, st))
+        segments.append((bits, k_codes.shape[2], bn, w, st))
     bn, w, st = config or CONFIGS[(16, D)]
     segments.append((16, N, bn, w, st))
     # (CPU tensors reach here only under TRITON_INTERPRET=1, in local checks.)
@@ -328,7 +328,7 @@ def _decode_attention_triton(q, k, v, exact_len, exact_mask, bits, group_size,
     o_part = torch.empty(B, Hq, s_total, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, Hq, s_total, device=q.device, dtype=torch.float32)
     offset = 0
-    for (seg_bits, _, bn, w, st), n_splits in zip(segments, splits):
+    for (seg_bits, cap, bn, w, st), n_splits in zip(segments, splits):
         if seg_bits == 16:
             K, V, LEN, mask = k, v, exact_len, exact_mask
             KS = KZ = VS = VZ = k  # unused
@@ -349,7 +349,7 @@ def _decode_attention_triton(q, k, v, exact_len, exact_mask, bits, group_size,
             LEN, mask if mask is not None else LEN,
             o_part, lse, o_part.stride(0), o_part.stride(1), o_part.stride(2),
             lse.stride(0), lse.stride(1),
-            qk_scale, Hkv, offset, n_splits,
+            qk_scale, Hkv, offset, n_splits, cap,
             N_REP=n_rep, M=M, D=D, BITS=seg_bits, G=group_size if seg_bits in (4, 2) else 1,
             BLOCK_N=bn, HAS_MASK=mask is not None, num_warps=w, num_stages=st,
         )

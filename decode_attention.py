@@ -110,15 +110,15 @@ def decode_attention_reference(q, k, v, exact_len, exact_mask=None, body=None, b
 CONFIGS = {
     (16, 64): (64, 4, 4),
     (16, 128): (64, 4, 4),
-    (8, 64): (128, 4, 3),
-    (8, 128): (128, 4, 3),
+    (8, 64): (64, 4, 3),
+    (8, 128): (64, 4, 3),
     (4, 64): (64, 4, 3),
     (4, 128): (64, 4, 3),
     (2, 64): (64, 4, 3),
     (2, 128): (64, 4, 3),
 }
 WAVES = 8  # programs per SM the split grid aims for (partial splits idle when len < capacity)
-MIN_SPLIT = 256  # tokens of capacity per split at least: below that the combine costs more
+MIN_SPLIT = 512  # tokens of capacity per split at least (batch 1 at 32K ran best near 1K)
 
 
 @functools.lru_cache(maxsize=None)

@@ -216,6 +216,7 @@ def test_kernel_exact_only(B, length, shape, use_mask):
 def test_kernel_with_body(B, length, shape, body):
     Hkv, n_rep, D = shape
     bits, g = body
+    g = min(g, D)  # a value group cannot be wider than the head
     L = math.ceil((length + 1) / 128) * 128 + 128  # capacity past the valid prefix
     use_mask = length % 2 == 1
     _gpu_compare((length, B, Hkv, n_rep, D, 96, 45 if use_mask else 96, use_mask, bits, g, L, length))

@@ -34,7 +34,10 @@ ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention",
 MATMUL_OPS = {"aten::linear", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
               "aten::einsum", "aten::_addmm_activation", "aten::addmv", "aten::mv", "aten::dot"}
 ATTENTION_KERNELS = ("flash", "fmha", "attention", "attn")
-MATMUL_KERNELS = ("gemm", "gemv", "cublas", "cutlass", "xmma", "matmul", "_mm_", "splitk")
+MATMUL_KERNELS = ("gemm", "gemv", "cublas", "cutlass", "xmma", "nvjet", "matmul", "_mm_", "splitk")
+# decode_attention.py's Triton kernels: named here because CUDA-graph replays (--compile on CUDA)
+# hide the op that launched them.
+DECODE_KERNELS = {"_partial_kernel", "_combine_kernel"}
 DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 HOST_CATS = {"cpu_op", "user_annotation", "cuda_runtime", "cuda_driver"}
 METADATA_KEY = "engine_profile"
@@ -51,7 +54,7 @@ def op_category(name: str):
 
 def kernel_category(name: str) -> str:
     low = name.lower()
-    if "decode_attention" in low or any(p in low for p in ATTENTION_KERNELS):
+    if name in DECODE_KERNELS or "decode_attention" in low or any(p in low for p in ATTENTION_KERNELS):
         return "attention"
     if any(p in low for p in MATMUL_KERNELS):
         return "matmul"

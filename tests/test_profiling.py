@@ -133,7 +133,7 @@ def test_categorizer_charges_kernels_to_their_launching_op():
         _x("_decode_kernel", 60, 30, cat="kernel", correlation=8),
         _x("elementwise_kernel", 95, 5, cat="kernel", correlation=9),
         _x("Memcpy DtoD", 101, 15, cat="gpu_memcpy", correlation=99),
-        _x("triton_red_fused_flash_attn", 120, 0, cat="kernel"),
+        _x("_combine_kernel", 120, 0, cat="kernel"),
     ]}
     s = sp.summarize(trace)
     assert s["basis"].startswith("GPU time")

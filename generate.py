@@ -9,6 +9,7 @@ embedded default model (SmolLM2-135M-Instruct) is prepared on first use.
 """
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
+import tp
 from kv_cache import full_cache_nbytes
 from model import ModelArgs, Transformer
 from strategies import add_strategy_options, cache_factory, check_settings, strategy_settings
@@ -79,6 +81,11 @@ def load_model(checkpoint: Path, device: str, dtype: torch.dtype, model_name: Op
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{checkpoint} does not fit preset '{model_name or checkpoint.parent.name}' ({first[:200]}); "
                         f"pass the right --model_name or re-create it with the conversion script")
+    if tp.world_size() > 1:  # each rank copies only its slices out of the memory-mapped file
+        try:
+            tp.shard(model, device)
+        except ValueError as e:
+            raise UserError(str(e))
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -195,6 +202,8 @@ def add_global_options(p: argparse.ArgumentParser, suppress: bool = False) -> No
     p.add_argument("--prefill_chunk", type=int, default=d(512), help="prompt tokens per prefill forward")
     p.add_argument("--profile", default=d(None), metavar="NAME", help="run under torch.profiler; writes outputs/NAME.*")
     p.add_argument("--overwrite", action="store_true", default=d(False), help="let --profile replace existing outputs")
+    p.add_argument("--dist_timeout", type=float, default=d(600),
+                   help="under torchrun: seconds a collective may wait for the other ranks before failing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,9 +260,11 @@ def kv_stats(model: Transformer, batch_size: int, n_tokens: int) -> dict:
     """Bytes the caches hold vs a full cache of the same length in bf16 (fp32 on a CPU run, so
     the ratio measures the strategy, not the precision)."""
     c = model.config
-    held = sum(cache.nbytes() for cache in model.caches())
+    device = model.tok_embeddings.weight.device
+    held = tp.sum_over_ranks(sum(cache.nbytes() for cache in model.caches()), device)  # all ranks' shards
     dtype = torch.float32 if model.tok_embeddings.weight.dtype == torch.float32 else torch.bfloat16
-    full = full_cache_nbytes(batch_size, n_tokens, c.n_local_heads, c.head_dim, c.n_layer, dtype)
+    n_kv_heads = c.n_local_heads * getattr(model, "tp_world_size", 1)
+    full = full_cache_nbytes(batch_size, n_tokens, n_kv_heads, c.head_dim, c.n_layer, dtype)
     return {"kv_bytes": held, "kv_bytes_full": full, "kv_full_dtype": str(dtype).removeprefix("torch."), "kv_ratio": held / full}
 
 
@@ -267,6 +278,10 @@ def format_stats(r: dict) -> str:
 def run(args: argparse.Namespace) -> list[dict]:
     check_args(args)
     device = pick_device(args.device)
+    try:
+        device = tp.init(device, args.dist_timeout)  # under torchrun/srun: join the group, cuda:LOCAL_RANK
+    except ValueError as e:
+        raise UserError(str(e))
     dtype = pick_dtype(args.precision, device)
     checkpoint = resolve_checkpoint(args.checkpoint_path)
     model = load_model(checkpoint, device, dtype, args.model_name)
@@ -304,7 +319,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         if args.profile and i == args.num_samples - 1:
             from profiling import profile_run
 
-            profiler = profile_run(args.profile, overwrite=args.overwrite, device=device, model=model, settings=settings)
+            name = args.profile if tp.world_size() == 1 else f"{args.profile}_rank{tp.rank()}"
+            profiler = profile_run(name, quiet=not tp.is_main(), overwrite=args.overwrite, device=device, model=model, settings=settings)
         with torch.no_grad(), profiler:
             r = generate(model, prompt, args.max_new_tokens, step, args.temperature, args.top_k,
                          args.prefill_chunk, prefill_fn, frozenset(tokenizer.eos_ids), show)
@@ -322,21 +338,35 @@ def run(args: argparse.Namespace) -> list[dict]:
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
             **settings,
         }
-        print(format_stats(stats), file=sys.stderr)
+        if tp.is_main():
+            print(format_stats(stats), file=sys.stderr)
         results.append(stats)
     return results
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    # Under torchrun only rank 0 prints (text, stats, errors); the other ranks exit with the same
+    # status a moment later, so that torchrun (which stops every rank when one exits) lets rank 0 speak.
+    fail = (lambda message: sys.exit(message)) if tp.is_main() else (lambda message: (time.sleep(2), sys.exit(1)))
+    quiet = contextlib.nullcontext() if tp.is_main() else contextlib.redirect_stdout(open(os.devnull, "w"))
     try:
-        run(args)
+        with quiet:
+            run(args)
     except UserError as e:
-        sys.exit(f"error: {e}")
+        fail(f"error: {e}")
     except torch.cuda.OutOfMemoryError:
-        sys.exit("error: out of GPU memory; lower --batch_size, the prompt length or --max_new_tokens, or use quantize_kv/compress_kv")
+        fail("error: out of GPU memory; lower --batch_size, the prompt length or --max_new_tokens, or use quantize_kv/compress_kv")
+    except RuntimeError as e:
+        if not tp.is_collective_failure(e):
+            raise
+        # Rank 0 may be the one that died: every survivor says why it stops.
+        sys.exit(f"error: rank {tp.rank()}: a collective failed or timed out (another rank died or hung; "
+                 f"--dist_timeout {args.dist_timeout:g} s): {str(e).strip().splitlines()[0][:200]}")
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        tp.shutdown()
 
 
 if __name__ == "__main__":

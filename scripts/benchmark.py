@@ -11,10 +11,15 @@ time over --steps steps, repeated --repeats times; the bytes the step must read 
 once plus the valid part of every cache buffer) over the copy bandwidth measured here gives the
 floor. Writes JSON (every figure, the command, commit and device) and a PNG of step time vs
 context.
+
+Tensor parallel: `torchrun --standalone --nproc_per_node 2 -m scripts.benchmark ...` shards the
+random model with tp.py; every rank times its own step (they run in lockstep), rank 0 writes. The
+bytes, floor and kv_bytes of each row are per rank.
 """
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import tp
 from generate import decode_one_token, pick_device
 from model import ModelArgs, Transformer
 from strategies import cache_factory
@@ -234,10 +240,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark.json"))
     args = p.parse_args()
     try:
-        device = pick_device(args.device)
+        device = tp.init(pick_device(args.device))  # under torchrun: cuda:LOCAL_RANK, process group joined
     except Exception as e:
         sys.exit(f"error: {e}")
-    if args.out.exists():
+    if not tp.is_main():
+        sys.stdout = open(os.devnull, "w")
+    elif args.out.exists():
         sys.exit(f"error: {args.out} exists; pass another --out (results are never overwritten)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -247,8 +255,13 @@ def main() -> None:
     if bandwidth:
         print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     model = random_model(args.model, device, dtype)
+    try:
+        tp.shard(model)
+    except ValueError as e:
+        sys.exit(f"error: {e}" if tp.is_main() else 1)
     result = {
         "command": " ".join(sys.argv), "commit": git_commit(), "model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "tp": tp.world_size(),
         "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth, "rows": [], "errors": [],
     }
     for batch in args.batch_sizes:
@@ -261,9 +274,12 @@ def main() -> None:
                 torch._dynamo.reset()
                 gc.collect()
                 torch.cuda.empty_cache()
-            args.out.write_text(json.dumps(result, indent=1))
-    plot(result["rows"], args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+            if tp.is_main():
+                args.out.write_text(json.dumps(result, indent=1))
+    if tp.is_main():
+        plot(result["rows"], args.out.with_suffix(".png"))
+        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    tp.shutdown()
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def logits_step(model, x, input_pos):
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(map(str, s.values())))
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [3])
 def test_kernel_path_matches_pytorch_path(settings, batch, monkeypatch):
     model = model_on_gpu()
     tokens = torch.randint(0, 512, (batch, 300), device="cuda")

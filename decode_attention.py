@@ -9,8 +9,9 @@ byte once and nothing past the current length:
   each K/V tile once for all n_rep query heads that share it (GQA) and keeps an online softmax;
 - the current length is read on the device and the chunk size derived from it inside the
   kernel, so the grid is static and a CUDA graph replay sees the cache grow;
-- quantized tiles are dequantized in registers, mostly on the cheap side of the product:
-  int8 and KIVI key scales multiply q or the scores, value scales multiply P;
+- quantized tiles are dequantized in registers: int8 scales multiply the scores and P (the cheap
+  side of the product); KIVI tiles are loaded once as packed bytes and unpacked per bit plane
+  into bf16 keys and values (or q * key scale in tf32, KIVI_KEY_TF32);
 - a second small kernel combines the splits' partial outputs with their log-sum-exps.
 
 CUDA tensors go to the Triton kernels, CPU tensors to `decode_attention_reference`, the
@@ -117,6 +118,9 @@ CONFIGS = {
     (2, 64): (64, 4, 3),
     (2, 128): (64, 4, 3),
 }
+# KIVI keys: True = (q * k_scale) . code in tf32 plus a q . k_zero bias; False = keys dequantized
+# to bf16 in registers, q . key (notes/kernel.md, v3).
+KIVI_KEY_TF32 = False
 WAVES = 8  # programs per SM the split grid aims for (partial splits idle when len < capacity)
 MIN_SPLIT = 512  # tokens of capacity per split at least (batch 1 at 32K ran best near 1K)
 
@@ -125,6 +129,58 @@ MIN_SPLIT = 512  # tokens of capacity per split at least (batch 1 at 32K ran bes
 def _kernels():
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _plane_codes(packed, I: tl.constexpr, BITS: tl.constexpr):
+        """Plane I of a packed uint8 tile as fp32 128 + code, exact: the code goes into the
+        mantissa under the exponent of 128.0 (shift, mask, or; no int -> float conversion)."""
+        c = (packed.to(tl.int32) >> (I * BITS)) & ((1 << BITS) - 1)
+        return ((c << 16) | 0x43000000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _kivi_key_plane(q_i, kb, ks_row, kz_row, I: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr,
+                        KEY_TF32: tl.constexpr):
+        """Scores of plane I (channels [I*DP, (I+1)*DP)) of a key tile within one token group.
+
+        q_i [M, DP] (fp32 if KEY_TF32 else q's dtype), kb [DP, BLOCK_N] packed bytes.
+        KEY_TF32: (q_i * k_scale) . code on the tensor cores in tf32, code exact (the zero point
+        is the caller's bias q . k_zero). Else: key = code * scale + zero dequantized in fp32 and
+        rounded to q's dtype (as precise as a bf16 cache), then q_i . key.
+        """
+        offs = I * DP + tl.arange(0, DP)
+        ks = tl.load(ks_row + offs).to(tl.float32)
+        f = _plane_codes(kb, I, BITS)  # 128 + code
+        if KEY_TF32:
+            return tl.dot(q_i * ks[None, :], f - 128.0, input_precision="tf32")
+        else:
+            kz = tl.load(kz_row + offs).to(tl.float32)
+            kt = f * ks[:, None] + (kz - 128.0 * ks)[:, None]  # one FMA: zero + code * scale
+            return tl.dot(q_i, kt.to(q_i.dtype))
+
+    @triton.jit
+    def _kivi_value_plane(vb, vs_row, vz_row, ok_n, I: tl.constexpr, DP: tl.constexpr, G: tl.constexpr,
+                          BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Plane I of a value tile dequantized in fp32, [BLOCK_N, DP]: zero + code * scale with
+        the per-token (scale, zero) of each channel's group (G >= DP: one group for the plane;
+        else DP/G groups, loaded once per token and broadcast over their G channels)."""
+        f = _plane_codes(vb, I, BITS)  # 128 + code
+        if G >= DP:
+            g = I * DP // G
+            vs = tl.load(vs_row + g, mask=ok_n, other=0.0).to(tl.float32)  # [BLOCK_N]
+            vz = tl.load(vz_row + g, mask=ok_n, other=0.0).to(tl.float32)
+            return f * vs[:, None] + (vz - 128.0 * vs)[:, None]
+        else:
+            NGP: tl.constexpr = DP // G
+            offs_g = I * NGP + tl.arange(0, NGP)
+            vs = tl.load(vs_row[:, None] + offs_g[None, :], mask=ok_n[:, None], other=0.0).to(tl.float32)
+            vz = tl.load(vz_row[:, None] + offs_g[None, :], mask=ok_n[:, None], other=0.0).to(tl.float32)
+            vs_c = tl.reshape(tl.broadcast_to(vs[:, :, None], [BLOCK_N, NGP, G]), [BLOCK_N, DP])
+            vz_c = tl.reshape(tl.broadcast_to((vz - 128.0 * vs)[:, :, None], [BLOCK_N, NGP, G]), [BLOCK_N, DP])
+            return f * vs_c + vz_c
+
+    # Triton resolves the helpers a kernel calls among the module's globals, not this closure.
+    globals().update(_plane_codes=_plane_codes, _kivi_key_plane=_kivi_key_plane,
+                     _kivi_value_plane=_kivi_value_plane)
 
     @triton.jit
     def _partial_kernel(
@@ -138,7 +194,7 @@ def _kernels():
         sl_b, sl_h,
         qk_scale, Hkv, split_offset, n_splits, cap,
         N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-        G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+        G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, KEY_TF32: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -165,21 +221,25 @@ def _kernels():
         if BITS >= 8:
             acc = tl.zeros([M, D], tl.float32)
         else:
-            # KIVI. Channel c of a token is plane c // DP of byte c % DP: loading that byte for
-            # every channel (each byte NPL times, from L1) gives codes in channel order.
+            # KIVI, planar (kv_quant): byte j of a token holds channels j, j + DP, ... at bit
+            # offsets 0, BITS, ...; plane i = channels [i*DP, (i+1)*DP). Each tile is loaded
+            # once as dense [BLOCK_N, DP] bytes and unpacked per plane in registers; the dots
+            # run per plane over DP channels, one fp32 accumulator [M, DP] per plane.
+            # BLOCK_N <= G and splits start on tile boundaries: a tile is within one key group.
             DP: tl.constexpr = D * BITS // 8  # bytes per token
-            CMASK: tl.constexpr = (1 << BITS) - 1
-            NG: tl.constexpr = D // G  # value channel groups
-            R: tl.constexpr = BLOCK_N // G if BLOCK_N > G else 1  # key token groups per tile
-            byte_d = offs_d % DP
-            shift_d = (offs_d // DP) * BITS
+            NPL: tl.constexpr = 8 // BITS  # planes
+            offs_p = tl.arange(0, DP)
+            q_dt = tl.float32 if KEY_TF32 else q.dtype
             qf = q.to(tl.float32)
-            offs_g = tl.arange(0, NG)
-            offs_r = tl.arange(0, R)
-            # Values: row block g of acc holds P * v_scale[:, g] . codes (all channels); the
-            # channels of group g are picked from block g at the end. z: sum P * v_zero.
-            acc = tl.zeros([NG * M, D], tl.float32)
-            z_acc = tl.zeros([NG, M], tl.float32)
+            q0 = tl.load(q_base[:, None] + offs_p[None, :], mask=row_ok[:, None], other=0.0).to(q_dt)
+            q1 = tl.load(q_base[:, None] + DP + offs_p[None, :], mask=row_ok[:, None], other=0.0).to(q_dt)
+            acc0 = tl.zeros([M, DP], tl.float32)
+            acc1 = tl.zeros([M, DP], tl.float32)
+            if NPL == 4:
+                q2 = tl.load(q_base[:, None] + 2 * DP + offs_p[None, :], mask=row_ok[:, None], other=0.0).to(q_dt)
+                q3 = tl.load(q_base[:, None] + 3 * DP + offs_p[None, :], mask=row_ok[:, None], other=0.0).to(q_dt)
+                acc2 = tl.zeros([M, DP], tl.float32)
+                acc3 = tl.zeros([M, DP], tl.float32)
         ks_base = KS + b * sksb + h * sksh
         kz_base = KZ + b * sksb + h * sksh
         vs_base = VS + b * svsb + h * svsh
@@ -199,25 +259,17 @@ def _kernels():
                 ks = tl.load(ks_base + offs_n * sksn, mask=ok_n, other=0.0).to(tl.float32)
                 s = tl.dot(q, kt.to(q.dtype)) * ks[None, :]
             else:
-                # Key scales are per channel over G tokens: put them on q, one q row block per
-                # token group of the tile (R of them), zero points as a bias q . zero. q * scale
-                # goes to the tensor cores as bf16 hi + lo parts: one bf16 rounding would cost
-                # ~2**-9 of |q * scale * code|, which a 15-level code magnifies past 1e-2.
-                grp = n0 // G + offs_r  # [R]
-                grp_ok = grp * G < end
-                kp = grp[:, None] * sksn + offs_d[None, :]  # [R, D]
-                ksc = tl.load(ks_base + kp, mask=grp_ok[:, None], other=0.0).to(tl.float32)
-                kze = tl.load(kz_base + kp, mask=grp_ok[:, None], other=0.0).to(tl.float32)
-                qs = tl.reshape(qf[None, :, :] * ksc[:, None, :], [R * M, D])
-                qs_hi = qs.to(q.dtype)
-                qs_lo = (qs - qs_hi.to(tl.float32)).to(q.dtype)
-                bias = tl.sum(qf[None, :, :] * kze[:, None, :], axis=2)  # [R, M]
-                kb = tl.load(k_base + offs_n[None, :] * skn + byte_d[:, None], mask=ok_n[None, :], other=0)  # [D, BLOCK_N]
-                kc = ((kb.to(tl.int32) >> shift_d[:, None]) & CMASK).to(q.dtype)
-                s_all = tl.dot(qs_lo, kc, tl.dot(qs_hi, kc))  # [R * M, BLOCK_N]
-                s3 = tl.reshape(s_all, [R, M, BLOCK_N]) + bias[:, :, None]
-                own = (offs_n0 // G)[None, None, :] == offs_r[:, None, None]  # token's group block
-                s = tl.sum(tl.where(own, s3, 0.0), axis=0)
+                kb = tl.load(k_base + offs_n[None, :] * skn + offs_p[:, None], mask=ok_n[None, :], other=0)  # [DP, BLOCK_N]
+                ks_row = ks_base + (n0 // G) * sksn  # the tile's key group
+                kz_row = kz_base + (n0 // G) * sksn
+                s = _kivi_key_plane(q0, kb, ks_row, kz_row, 0, DP, BITS, KEY_TF32)
+                s += _kivi_key_plane(q1, kb, ks_row, kz_row, 1, DP, BITS, KEY_TF32)
+                if NPL == 4:
+                    s += _kivi_key_plane(q2, kb, ks_row, kz_row, 2, DP, BITS, KEY_TF32)
+                    s += _kivi_key_plane(q3, kb, ks_row, kz_row, 3, DP, BITS, KEY_TF32)
+                if KEY_TF32:  # zero points: bias q . k_zero, one per query row
+                    kz = tl.load(kz_row + offs_d).to(tl.float32)
+                    s += tl.sum(qf * kz[None, :], axis=1)[:, None]
             s = tl.where(ok_n[None, :], s * qk_scale, float("-inf"))
             # ---- online softmax (base 2); a fully masked row keeps m = -inf, p = 0 ----
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -235,17 +287,19 @@ def _kernels():
                 vsc = tl.load(vs_base + offs_n * svsn, mask=ok_n, other=0.0).to(tl.float32)
                 acc = acc * alpha[:, None] + tl.dot((p * vsc[None, :]).to(q.dtype), vt.to(q.dtype))
             else:
-                vb = tl.load(v_base + offs_n[:, None] * svn + byte_d[None, :], mask=ok_n[:, None], other=0)  # [BLOCK_N, D]
-                vc = ((vb.to(tl.int32) >> shift_d[None, :]) & CMASK).to(q.dtype)
-                vp = offs_g[:, None] + offs_n[None, :] * svsn  # [NG, BLOCK_N]
-                vsc = tl.load(vs_base + vp, mask=ok_n[None, :], other=0.0).to(tl.float32)
-                vze = tl.load(vz_base + vp, mask=ok_n[None, :], other=0.0).to(tl.float32)
-                a = tl.reshape(p[None, :, :] * vsc[:, None, :], [NG * M, BLOCK_N])  # (hi + lo, as for q)
-                a_hi = a.to(q.dtype)
-                a_lo = (a - a_hi.to(tl.float32)).to(q.dtype)
-                alpha_g = tl.reshape(tl.broadcast_to(alpha[None, :], [NG, M]), [NG * M])
-                acc = tl.dot(a_lo, vc, tl.dot(a_hi, vc, acc * alpha_g[:, None]))
-                z_acc = z_acc * alpha[None, :] + tl.sum(p[None, :, :] * vze[:, None, :], axis=2)
+                vb = tl.load(v_base + offs_n[:, None] * svn + offs_p[None, :], mask=ok_n[:, None], other=0)  # [BLOCK_N, DP]
+                vs_row = vs_base + offs_n * svsn  # [BLOCK_N]
+                vz_row = vz_base + offs_n * svsn
+                pq = p.to(q.dtype)
+                v0 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 0, DP, G, BITS, BLOCK_N).to(q.dtype)
+                acc0 = tl.dot(pq, v0, acc0 * alpha[:, None])
+                v1 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 1, DP, G, BITS, BLOCK_N).to(q.dtype)
+                acc1 = tl.dot(pq, v1, acc1 * alpha[:, None])
+                if NPL == 4:
+                    v2 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 2, DP, G, BITS, BLOCK_N).to(q.dtype)
+                    acc2 = tl.dot(pq, v2, acc2 * alpha[:, None])
+                    v3 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 3, DP, G, BITS, BLOCK_N).to(q.dtype)
+                    acc3 = tl.dot(pq, v3, acc3 * alpha[:, None])
 
         # ---- partial result of this split: normalized out and log2-sum-exp ----
         has = l_i > 0
@@ -253,11 +307,15 @@ def _kernels():
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         sp = split_offset + split
         o_row = O + b * so_b + heads * so_h + sp * so_s  # [M]
-        if BITS < 8:
-            own_g = offs_g[:, None] == (offs_d // G)[None, :]  # [NG, D] channel's group block
-            acc3 = tl.reshape(acc, [NG, M, D]) + z_acc[:, :, None]
-            acc = tl.sum(tl.where(own_g[:, None, :], acc3, 0.0), axis=0)  # [M, D]
-        tl.store(o_row[:, None] + offs_d[None, :], acc * inv_l[:, None], mask=row_ok[:, None])
+        if BITS >= 8:
+            tl.store(o_row[:, None] + offs_d[None, :], acc * inv_l[:, None], mask=row_ok[:, None])
+        else:  # plane i -> channels [i*DP, (i+1)*DP)
+            o_p = o_row[:, None] + offs_p[None, :]
+            tl.store(o_p, acc0 * inv_l[:, None], mask=row_ok[:, None])
+            tl.store(o_p + DP, acc1 * inv_l[:, None], mask=row_ok[:, None])
+            if NPL == 4:
+                tl.store(o_p + 2 * DP, acc2 * inv_l[:, None], mask=row_ok[:, None])
+                tl.store(o_p + 3 * DP, acc3 * inv_l[:, None], mask=row_ok[:, None])
         tl.store(LSE + b * sl_b + heads * sl_h + sp, lse, mask=row_ok)
 
     @triton.jit
@@ -302,11 +360,12 @@ def plan_splits(bh, capacities, block_ns, sm_count, waves=WAVES):
 
 def _decode_attention_triton(q, k, v, exact_len, exact_mask, bits, group_size,
                              k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, body_len, sm_scale,
-                             config=None, waves=WAVES, out=None):
+                             config=None, waves=WAVES, out=None, key_tf32=None):
     """Launch: one partial kernel per segment into one buffer, then one combine.
 
     `config` overrides (BLOCK_N, num_warps, num_stages) for every segment (benchmark only);
-    `out` is written in place if given (tests pass a poisoned one).
+    `out` is written in place if given (tests pass a poisoned one); `key_tf32` overrides
+    KIVI_KEY_TF32. A KIVI tile never spans two key groups: its BLOCK_N is at most group_size.
     """
     triton, partial_kernel, combine_kernel = _kernels()
     B, Hq, D = q.shape
@@ -318,6 +377,8 @@ def _decode_attention_triton(q, k, v, exact_len, exact_mask, bits, group_size,
     has_body = k_codes is not None
     if has_body:
         bn, w, st = config or CONFIGS[(bits, D)]
+        if bits in (4, 2):
+            bn = min(bn, group_size)
         segments.append((bits, k_codes.shape[2], bn, w, st))
     bn, w, st = config or CONFIGS[(16, D)]
     segments.append((16, N, bn, w, st))
@@ -351,7 +412,9 @@ def _decode_attention_triton(q, k, v, exact_len, exact_mask, bits, group_size,
             lse.stride(0), lse.stride(1),
             qk_scale, Hkv, offset, n_splits, cap,
             N_REP=n_rep, M=M, D=D, BITS=seg_bits, G=group_size if seg_bits in (4, 2) else 1,
-            BLOCK_N=bn, HAS_MASK=mask is not None, num_warps=w, num_stages=st,
+            BLOCK_N=bn, HAS_MASK=mask is not None,
+            KEY_TF32=bool(KIVI_KEY_TF32 if key_tf32 is None else key_tf32) and seg_bits in (4, 2),
+            num_warps=w, num_stages=st,
         )
         offset += n_splits
     if out is None:

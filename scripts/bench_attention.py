@@ -124,7 +124,13 @@ def main():
     p.add_argument("--sweep", action="store_true", help="also sweep (BLOCK_N, warps, stages) and waves")
     p.add_argument("--budget-s", type=float, default=300, help="start no config sweep after this many seconds")
     p.add_argument("--out", default=os.environ.get("OUT", "outputs"))
+    p.add_argument("--cases", default="8x32768,1x1024,1x32768,1x131072", help="BxS list, comma separated")
+    p.add_argument("--modes", default="bf16,int8,int4,int2,int4g128,int2g128")
+    p.add_argument("--kivi-key-tf32", type=int, choices=(0, 1), default=None,
+                   help="override decode_attention.KIVI_KEY_TF32 (KIVI keys in tf32 vs dequantized bf16)")
     args = p.parse_args()
+    if args.kivi_key_tf32 is not None:
+        da.KIVI_KEY_TF32 = bool(args.kivi_key_tf32)
     if not torch.cuda.is_available():
         sys.exit("bench_attention: needs a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
@@ -136,8 +142,10 @@ def main():
     result = {
         "command": " ".join(sys.argv), "commit": commit, "device": torch.cuda.get_device_name(),
         "torch": torch.__version__, "configs": {str(k): v for k, v in da.CONFIGS.items()}, "waves": da.WAVES,
+        "kivi_key_tf32": da.KIVI_KEY_TF32,
     }
-    out_path = os.path.join(args.out, "bench_attention.json")
+    out_path = os.path.join(args.out, "bench_attention.json" if args.kivi_key_tf32 is None
+                            else f"bench_attention_keytf32_{args.kivi_key_tf32}.json")
 
     def save():
         with open(out_path, "w") as f:
@@ -152,8 +160,8 @@ def main():
     rows = []
     result["rows"] = rows
     sweep = result["sweep"] = []
-    cases = [(8, 32768), (1, 1024), (1, 32768), (1, 131072)]
-    modes = ["bf16", "int8", "int4", "int2", "int4g128", "int2g128"]
+    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
+    modes = args.modes.split(",")
     for B, S in cases:
         n_sets = None
         base, sdpa_name, sdpa_ms = None, None, None

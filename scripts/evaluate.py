@@ -381,7 +381,8 @@ def markdown_table(figures: dict, meta: dict) -> str:
     ]
     for r in figures["table"]:
         ppl = "-" if r["ppl"] is None else f"{r['ppl']:.4f} ({r['ppl_ratio']:.4f}x)"
-        lines.append(f"| {r['row']} s{r['settings'].get('sink_size', '-')} w{r['settings'].get('window_size', '-')} "
+        where = f" s{r['settings']['sink_size']} w{r['settings']['window_size']}" if "sink_size" in r["settings"] else ""
+        lines.append(f"| {r['row']}{where} "
                      f"| `{r['generate_options']}` | {ppl} | {fmt(r['rouge_l_vs_reference'])} | {fmt(r['rouge_l_vs_full'])} "
                      f"| {fmt(r['top1_agreement'])} | {fmt(r['needle_accuracy'], '.2f')} | {fmt(r['kv_ratio_bf16'])} "
                      f"| {fmt(r['decode_tokens_per_s'], '.1f')} |")
@@ -416,12 +417,16 @@ def plot(figures: dict, stem: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, pts in figures["ppl_vs_window"].items():
+        pts = {int(w): v for w, v in pts.items()}  # JSON turns the keys into strings
         xs = sorted(pts)
         ax.plot(xs, [pts[x] for x in xs], marker="o", label=name)
     if figures["full_ppl"]:
         ax.axhline(figures["full_ppl"], color="k", ls="--", label="full")
-    ax.set(xscale="log", yscale="log", xlabel="window size (tokens)", ylabel="perplexity",
-           title=f"Perplexity vs window ({figures['ppl_tokens']} tokens, sink {SINK})")
+    windows = sorted({int(w) for pts in figures["ppl_vs_window"].values() for w in pts})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(windows, [str(w) for w in windows])
+    ax.minorticks_off()
+    ax.set(xlabel="window size (tokens)", ylabel="perplexity", title=f"Perplexity vs window ({figures['ppl_tokens']} tokens, sink {SINK})")
     ax.legend(fontsize=7)
     save(fig, "ppl_vs_window")
 
@@ -435,17 +440,24 @@ def plot(figures: dict, stem: Path) -> list[str]:
 
     grids = figures["needle_accuracy"]
     if grids:
-        fig, axes = plt.subplots(1, len(grids), figsize=(2.2 * len(grids), 2.8), squeeze=False)
-        for ax, (name, grid) in zip(axes[0], grids.items()):
+        ncols = min(5, len(grids))
+        nrows = -(-len(grids) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 2.4 * nrows), squeeze=False)
+        for ax in axes.flat[len(grids):]:
+            ax.axis("off")
+        for ax, (name, grid) in zip(axes.flat, grids.items()):
             lengths = list(grid)
             depths = list(next(iter(grid.values()))) if grid else []
             data = [[float("nan") if grid[ln][d] is None else grid[ln][d] for d in depths] for ln in lengths]
             ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            for y, row in enumerate(data):
+                for x, acc in enumerate(row):
+                    ax.text(x, y, "-" if acc != acc else f"{acc:.2f}", ha="center", va="center", fontsize=6)
             ax.set_xticks(range(len(depths)), depths, fontsize=6)
             ax.set_yticks(range(len(lengths)), lengths, fontsize=6)
-            ax.set_title(name, fontsize=6)
-            ax.set_xlabel("depth", fontsize=6)
-        axes[0][0].set_ylabel("context length", fontsize=6)
+            ax.set_title(name, fontsize=7)
+            ax.set_xlabel("needle depth", fontsize=6)
+            ax.set_ylabel("context length", fontsize=6)
         save(fig, "needle")
 
     if figures["long"]:

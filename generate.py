@@ -161,7 +161,8 @@ def generate(
     for _ in range(max_new_tokens - 1):
         if stop_ids and prompt.shape[0] == 1 and int(cur[0, 0]) in stop_ids:
             break
-        cur = step(model, cur.clone(), input_pos, temperature, top_k)
+        # A CUDA-graph replay overwrites its output buffer: keep a copy of each token.
+        cur = step(model, cur, input_pos, temperature, top_k).clone()
         input_pos += 1
         out.append(cur)
         if on_token:

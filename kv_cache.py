@@ -7,6 +7,8 @@ with input_pos [T] the (contiguous, shared across the batch) positions of the ne
 Neither call may sync with the host or change a shape on the decode path (T == 1), so the
 decode step captures as a CUDA graph; validity is a length or a mask computed from input_pos.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,6 +26,14 @@ class KVCache(nn.Module):
     def nbytes(self) -> int:
         """Bytes this cache holds on its device (every buffer, as allocated)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def profiler_range(name: str):
+    """A torch.profiler range in eager runs, named as profiling.py's summary sorts time
+    ("kv_attend", "kv_quantize", "kv_dequantize"); nothing inside a compiled graph."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(name)
 
 
 def full_cache_nbytes(batch_size: int, n_tokens: int, n_kv_heads: int, head_dim: int, n_layers: int, dtype=torch.bfloat16) -> int:

@@ -5,12 +5,14 @@ calls `cache.update(input_pos, k, v)` then `cache.attend(q, input_pos)`. Everyth
 changes lives behind those two calls (kv_cache.py, compress_kv.py, quantize_kv.py).
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kv_cache import profiler_range
 
 
 @dataclass
@@ -160,7 +162,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
 
         self.kv_cache.update(input_pos, k, v)
-        y = self.kv_cache.attend(q, input_pos)  # [B, H, T, D]
+        with profiler_range("kv_attend"):
+            y = self.kv_cache.attend(q, input_pos)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(bsz, seqlen, self.n_head * self.head_dim)
         return self.wo(y)
 

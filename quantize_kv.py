@@ -15,7 +15,7 @@ import torch
 
 import kv_quant as kq
 from decode_attention import QuantizedBody, decode_attention
-from kv_cache import masked_attention, use_decode_kernel
+from kv_cache import masked_attention, profiler_range, use_decode_kernel
 from sink_window import SinkWindowCache, _floor_div
 
 BITS = (8, 4, 2)
@@ -61,7 +61,8 @@ class QuantizedCache(SinkWindowCache):
         src = (token_pos - recent_pos[0]).clamp(0, recent_pos.shape[0] - 1).flatten()
         k = recent_k[:, :, src]  # [B, H, n_cand * G, D]
         v = recent_v[:, :, src]
-        self._write_blocks(dest, k, v, n_cand)
+        with profiler_range("kv_quantize"):
+            self._write_blocks(dest, k, v, n_cand)
 
     def _write_blocks(self, dest, k, v, n_cand):
         bsz, h, _, d = k.shape
@@ -125,7 +126,8 @@ class QuantizedCache(SinkWindowCache):
         # PyTorch path (CPU, prefill, and the kernel's reference): dequantize, then one softmax
         # over sink + body + recent exact tokens, each masked by what the query's moment holds.
         recent_pos, recent_k, recent_v = self.take_recent()
-        body_k, body_v = self.dequantized_body(bsz, q.dtype)
+        with profiler_range("kv_dequantize"):
+            body_k, body_v = self.dequantized_body(bsz, q.dtype)
         s = self.sink_size
         body_mask = torch.arange(body_k.shape[2], device=q.device)[None, :] < self.n_quantized(input_pos)[:, None]
         k = torch.cat([self.exact_k[:bsz, :, :s], body_k, recent_k.to(q.dtype)], dim=2)

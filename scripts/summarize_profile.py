@@ -77,11 +77,14 @@ def _host_tree(events: list[dict]) -> tuple[dict, dict]:
                 stack.pop()
             parent = stack[-1] if stack else None
             if parent is not None:
-                self_us[parent[0]] -= min(end, parent[1]) - start
+                # Timestamps are rounded: a child may end a hair after its parent. Clip it, so
+                # every microsecond is counted once and the self times add up to the root's.
+                end = min(end, parent[1])
+                self_us[parent[0]] -= end - start
             in_range = RANGES.get(e["name"]) or (parent[2] if parent else None)  # innermost range
             in_op = (parent[3] if parent else None) or op_category(e["name"])  # outermost op
             category[i] = in_range or in_op or "other"
-            self_us[i] = e["dur"]
+            self_us[i] = end - start
             stack.append((i, end, in_range, in_op))
     return self_us, category
 

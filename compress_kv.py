@@ -44,12 +44,7 @@ class CompressedCache(SinkWindowCache):
             n = torch.full_like(input_pos, k.shape[2])
             return decode_attention(q[:, :, 0], k, self.exact_v[:bsz], exact_len=n, exact_mask=mask)[:, :, None]
 
-        recent_pos, recent_k, recent_v = self.take_recent()
+        sink, window = self.attention_inputs(input_pos, bsz)
         back = self.freqs_cis[shift] * torch.tensor([1.0, -1.0], device=q.device)  # rotation by -shift
         q_sink = apply_rotary_emb(q.transpose(1, 2), back).transpose(1, 2)
-        return segment_attention(
-            [
-                (q_sink, self.exact_k[:bsz, :, :s], self.exact_v[:bsz, :, :s], self.sink_mask(input_pos)),
-                (q, recent_k, recent_v, self.recent_mask(input_pos, recent_pos)),
-            ]
-        )
+        return segment_attention([(q_sink, *sink), (q, *window)])

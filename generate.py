@@ -251,7 +251,7 @@ def setup(model: Transformer, settings: dict, batch_size: int, max_seq_length: i
         raise UserError(f"prompt + --max_new_tokens = {max_seq_length} tokens exceeds the model's context of "
                         f"{config.block_size}; shorten the prompt or use compress_kv (fixed memory at any length)")
     try:
-        check_settings(settings, config.head_dim, max_seq_length)
+        check_settings(settings, config.head_dim, max_seq_length, model.tok_embeddings.weight.device.type)
     except ValueError as e:
         raise UserError(str(e))
     model.setup_caches(batch_size, max_seq_length, cache_factory(settings))

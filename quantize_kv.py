@@ -49,7 +49,7 @@ class QuantizedCache(SinkWindowCache):
             self.register_buffer(name, buf, persistent=False)
 
     # -- eviction: quantize the blocks that leave the window during this chunk --------------
-    def evict(self, input_pos, recent_pos, recent_k, recent_v):
+    def evict(self, input_pos, bsz):
         g, s, w = self.evict_block, self.sink_size, self.window_size
         t = input_pos.shape[0]
         n_cand = (t - 1) // g + 1  # most blocks one chunk can complete
@@ -58,9 +58,7 @@ class QuantizedCache(SinkWindowCache):
         done = (blocks >= 0) & (s + (blocks + 1) * g - 1 <= input_pos[-1] - w)
         dest = torch.where(done, blocks, torch.full_like(blocks, self.n_groups))
         token_pos = s + blocks[:, None] * g + torch.arange(g, device=input_pos.device)  # [n_cand, G]
-        src = (token_pos - recent_pos[0]).clamp(0, recent_pos.shape[0] - 1).flatten()
-        k = recent_k[:, :, src]  # [B, H, n_cand * G, D]
-        v = recent_v[:, :, src]
+        k, v = self.exact_tokens(token_pos.flatten(), bsz)  # [B, H, n_cand * G, D]
         with profiler_range("kv_quantize"):
             self._write_blocks(dest, k, v, n_cand)
 
@@ -125,12 +123,10 @@ class QuantizedCache(SinkWindowCache):
 
         # PyTorch path (CPU, prefill, and the kernel's reference): dequantize, then one softmax
         # over sink + body + recent exact tokens, each masked by what the query's moment holds.
-        recent_pos, recent_k, recent_v = self.take_recent()
+        (sink_k, sink_v, sink_mask), (win_k, win_v, win_mask) = self.attention_inputs(input_pos, bsz)
         with profiler_range("kv_dequantize"):
             body_k, body_v = self.dequantized_body(bsz, q.dtype)
-        s = self.sink_size
         body_mask = torch.arange(body_k.shape[2], device=q.device)[None, :] < self.n_quantized(input_pos)[:, None]
-        k = torch.cat([self.exact_k[:bsz, :, :s], body_k, recent_k.to(q.dtype)], dim=2)
-        v = torch.cat([self.exact_v[:bsz, :, :s], body_v, recent_v.to(q.dtype)], dim=2)
-        mask = torch.cat([self.sink_mask(input_pos), body_mask, self.recent_mask(input_pos, recent_pos)], dim=1)
-        return masked_attention(q, k, v, mask)
+        k = torch.cat([sink_k, body_k, win_k.to(q.dtype)], dim=2)
+        v = torch.cat([sink_v, body_v, win_v.to(q.dtype)], dim=2)
+        return masked_attention(q, k, v, torch.cat([sink_mask, body_mask, win_mask], dim=1))

@@ -56,15 +56,19 @@ class SinkWindowCache(KVCache):
     # -- writes ----------------------------------------------------------------------------
     def update(self, input_pos, k, v):
         bsz, _, t, _ = k.shape
-        # Exact tokens before this chunk, in position order, then the chunk: positions
-        # [P0 - ring, P1]. Kept for attend (a chunk may overwrite ring slots its queries need)
-        # and for eviction (tokens leaving the window come from here).
-        recent_pos = input_pos[0] - self.ring_size + torch.arange(self.ring_size + t, device=k.device)
-        ring_slots = self.slot_of(recent_pos[: self.ring_size].clamp(min=self.sink_size))
-        recent_k = torch.cat([self.exact_k[:bsz, :, ring_slots], k], dim=2)  # [B, H, ring + T, D]
-        recent_v = torch.cat([self.exact_v[:bsz, :, ring_slots], v], dim=2)
-        self._recent = (recent_pos, recent_k, recent_v)
-        self.evict(input_pos, recent_pos, recent_k, recent_v)
+        if t == 1:
+            # A decode step: the tokens leaving the window are still in their ring slots, and
+            # once the new token is written the buffer holds everything the query sees.
+            self._recent = None
+        else:
+            # A chunk may overwrite ring slots its own queries still need: keep the exact tokens
+            # before it, in position order, then the chunk: positions [P0 - ring, P1].
+            recent_pos = input_pos[0] - self.ring_size + torch.arange(self.ring_size + t, device=k.device)
+            ring_slots = self.slot_of(recent_pos[: self.ring_size].clamp(min=self.sink_size))
+            recent_k = torch.cat([self.exact_k[:bsz, :, ring_slots], k], dim=2)  # [B, H, ring + T, D]
+            recent_v = torch.cat([self.exact_v[:bsz, :, ring_slots], v], dim=2)
+            self._recent = (recent_pos, recent_k, recent_v)
+        self.evict(input_pos, bsz)
 
         # Only the last `ring` chunk tokens (and sink tokens) are written: no duplicate slots.
         keep = (input_pos < self.sink_size) | (torch.arange(t, device=k.device) >= t - self.ring_size)
@@ -72,8 +76,19 @@ class SinkWindowCache(KVCache):
         self.exact_k[:bsz].index_copy_(2, slots, k)
         self.exact_v[:bsz].index_copy_(2, slots, v)
 
-    def evict(self, input_pos, recent_pos, recent_k, recent_v) -> None:
-        """Called before the chunk is written; compress_kv drops, quantize_kv quantizes."""
+    def evict(self, input_pos, bsz) -> None:
+        """Called before the new tokens are written; compress_kv drops, quantize_kv quantizes
+        (reading the leaving tokens with exact_tokens)."""
+
+    def exact_tokens(self, pos: torch.Tensor, bsz: int):
+        """Keys and values [B, H, n, D] of positions `pos` [n] that are still exact before this
+        update's writes (positions outside that range give unspecified rows)."""
+        if self._recent is None:
+            slots = self.slot_of(pos.clamp(min=self.sink_size))
+            return self.exact_k[:bsz, :, slots], self.exact_v[:bsz, :, slots]
+        recent_pos, recent_k, recent_v = self._recent
+        src = (pos - recent_pos[0]).clamp(0, recent_pos.shape[0] - 1)
+        return recent_k[:, :, src], recent_v[:, :, src]
 
     # -- attention masks -------------------------------------------------------------------
     def sink_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
@@ -86,6 +101,14 @@ class SinkWindowCache(KVCache):
         first_exact = self.sink_size + self.n_evicted(input_pos)  # [T]
         return (recent_pos[None, :] <= input_pos[:, None]) & (recent_pos[None, :] >= first_exact[:, None])
 
-    def take_recent(self):
-        assert self._recent is not None, "attend() must follow update()"
-        return self._recent
+    def attention_inputs(self, input_pos: torch.Tensor, bsz: int):
+        """What T queries attend to, as (k, v, mask [T, n]) for the sink and for the window (the
+        exact tokens past the sink): after a decode step straight from the buffer, after a chunk
+        from the recent tokens kept by update()."""
+        s = self.sink_size
+        sink = (self.exact_k[:bsz, :, :s], self.exact_v[:bsz, :, :s], self.sink_mask(input_pos))
+        if self._recent is None:
+            held = self.exact_slot_positions(input_pos[0])[s:]  # [ring + 1]
+            return sink, (self.exact_k[:bsz, :, s:], self.exact_v[:bsz, :, s:], (held >= 0)[None])
+        recent_pos, recent_k, recent_v = self._recent
+        return sink, (recent_k, recent_v, self.recent_mask(input_pos, recent_pos))

@@ -42,7 +42,7 @@ def strategy_settings(args: argparse.Namespace) -> dict:
     return {"strategy": strategy, **{n: getattr(args, n) for n in names}}
 
 
-def check_settings(settings: dict, head_dim: int, max_seq_length: int) -> None:
+def check_settings(settings: dict, head_dim: int, max_seq_length: int, device: str = "cpu") -> None:
     """Errors a user can cause, in words that say what to change (raised as ValueError)."""
     if settings["strategy"] == "full":
         return
@@ -51,10 +51,13 @@ def check_settings(settings: dict, head_dim: int, max_seq_length: int) -> None:
         if sink + window > max_seq_length:
             raise ValueError(f"--sink_size + --window_size ({sink + window}) exceed the cache length "
                              f"({max_seq_length} tokens: prompt + --max_new_tokens); make them smaller")
-        if settings["bits"] != 8 and head_dim % settings["group_size"]:
-            divisors = [g for g in (8, 16, 32, 64, 128) if head_dim % g == 0]
-            raise ValueError(f"--group_size {settings['group_size']} does not divide the head dimension "
-                             f"({head_dim}); use one of {divisors}")
+        group = settings["group_size"]
+        # The fused kernel's KIVI tiles need a power-of-two group of at least 16 channels/tokens.
+        fits = head_dim % group == 0 and group & (group - 1) == 0 and (group >= 16 or device == "cpu")
+        if settings["bits"] != 8 and not fits:
+            sizes = [g for g in (8, 16, 32, 64, 128) if head_dim % g == 0 and (g >= 16 or device == "cpu")]
+            raise ValueError(f"--group_size {group} does not fit the head dimension ({head_dim}) on {device}; "
+                             f"use one of {sizes}")
 
 
 def cache_factory(settings: dict):

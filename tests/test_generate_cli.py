@@ -99,7 +99,7 @@ def test_prompt_longer_than_context(default_dir):
 @pytest.mark.slow
 def test_group_size_that_does_not_fit(default_dir):
     r = cli("--max_new_tokens", "200", "--device", "cpu", "quantize_kv", "--bits", "4", "--group_size", "48")
-    assert_one_line_error(r, "does not divide the head dimension (64)")
+    assert_one_line_error(r, "does not fit the head dimension (64)")
 
 
 @pytest.mark.slow

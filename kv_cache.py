@@ -36,6 +36,12 @@ def profiler_range(name: str):
     return torch.profiler.record_function(name)
 
 
+def batch_rows(buf: torch.Tensor, bsz: int) -> torch.Tensor:
+    """The first bsz rows of a cache buffer, or the buffer itself when the batch is full: writing
+    through a slice puts a slice_scatter of the whole buffer into the compiled graph."""
+    return buf if buf.shape[0] == bsz else buf[:bsz]
+
+
 def full_cache_nbytes(batch_size: int, n_tokens: int, n_kv_heads: int, head_dim: int, n_layers: int, dtype=torch.bfloat16) -> int:
     """What a full cache of this many tokens would hold: the baseline memory ratios are taken to."""
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -65,8 +71,8 @@ class FullCache(KVCache):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        self.k_cache[: k.shape[0]].index_copy_(2, input_pos, k)
-        self.v_cache[: v.shape[0]].index_copy_(2, input_pos, v)
+        batch_rows(self.k_cache, k.shape[0]).index_copy_(2, input_pos, k)
+        batch_rows(self.v_cache, v.shape[0]).index_copy_(2, input_pos, v)
 
     def attend(self, q, input_pos):
         bsz = q.shape[0]

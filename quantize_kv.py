@@ -15,7 +15,7 @@ import torch
 
 import kv_quant as kq
 from decode_attention import QuantizedBody, decode_attention
-from kv_cache import masked_attention, profiler_range, use_decode_kernel
+from kv_cache import batch_rows, masked_attention, profiler_range, use_decode_kernel
 from sink_window import SinkWindowCache, _floor_div
 
 BITS = (8, 4, 2)
@@ -68,7 +68,7 @@ class QuantizedCache(SinkWindowCache):
 
         def put(buf, value):
             # A body tensor seen as [B, H, n_groups + 1, block bytes]: one row per block slot.
-            buf[:bsz].view(bsz, h, self.n_groups + 1, -1).index_copy_(2, dest, value.reshape(bsz, h, n_cand, -1))
+            batch_rows(buf, bsz).view(bsz, h, self.n_groups + 1, -1).index_copy_(2, dest, value.reshape(bsz, h, n_cand, -1))
 
         if self.bits == 8:
             for name, x in (("k", k), ("v", v)):

@@ -15,7 +15,7 @@ trash slot that absorbs writes which must not land (a masked write without a hos
 """
 import torch
 
-from kv_cache import KVCache
+from kv_cache import KVCache, batch_rows
 
 
 def _floor_div(a: torch.Tensor, b: int) -> torch.Tensor:
@@ -73,8 +73,8 @@ class SinkWindowCache(KVCache):
         # Only the last `ring` chunk tokens (and sink tokens) are written: no duplicate slots.
         keep = (input_pos < self.sink_size) | (torch.arange(t, device=k.device) >= t - self.ring_size)
         slots = torch.where(keep, self.slot_of(input_pos), torch.full_like(input_pos, self.trash_slot))
-        self.exact_k[:bsz].index_copy_(2, slots, k)
-        self.exact_v[:bsz].index_copy_(2, slots, v)
+        batch_rows(self.exact_k, bsz).index_copy_(2, slots, k)
+        batch_rows(self.exact_v, bsz).index_copy_(2, slots, v)
 
     def evict(self, input_pos, bsz) -> None:
         """Called before the new tokens are written; compress_kv drops, quantize_kv quantizes

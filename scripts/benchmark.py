@@ -219,8 +219,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def git_commit() -> str:
+    """The checkout's commit; ENGINE_COMMIT where the code was copied without its .git."""
     r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return r.stdout.strip() or "unknown"
+    return r.stdout.strip() or os.environ.get("ENGINE_COMMIT", "unknown")
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import torch
 import kv_quant as kq
 from decode_attention import QuantizedBody, decode_attention
 from kv_cache import batch_rows, masked_attention, profiler_range, use_decode_kernel
-from sink_window import SinkWindowCache, _floor_div
+from sink_window import SinkWindowCache, floor_div
 
 BITS = (8, 4, 2)
 
@@ -31,19 +31,19 @@ class QuantizedCache(SinkWindowCache):
         self.n_groups = -(-max(max_seq_length - sink_size, 1) // block)
         tokens = (self.n_groups + 1) * block
         b, h, d = batch_size, n_kv_heads, head_dim
-        empty = lambda *shape, dt=dtype: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
+        zeros = lambda *shape, dt=dtype: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
         if bits == 8:
             buffers = dict(
-                k_codes=empty(b, h, tokens, d, dt=torch.int8), k_scale=empty(b, h, tokens, 1),
-                v_codes=empty(b, h, tokens, d, dt=torch.int8), v_scale=empty(b, h, tokens, 1),
+                k_codes=zeros(b, h, tokens, d, dt=torch.int8), k_scale=zeros(b, h, tokens, 1),
+                v_codes=zeros(b, h, tokens, d, dt=torch.int8), v_scale=zeros(b, h, tokens, 1),
             )
         else:
             packed = d * bits // 8
             buffers = dict(
-                k_codes=empty(b, h, tokens, packed, dt=torch.uint8),
-                k_scale=empty(b, h, self.n_groups + 1, d), k_zero=empty(b, h, self.n_groups + 1, d),
-                v_codes=empty(b, h, tokens, packed, dt=torch.uint8),
-                v_scale=empty(b, h, tokens, d // group_size), v_zero=empty(b, h, tokens, d // group_size),
+                k_codes=zeros(b, h, tokens, packed, dt=torch.uint8),
+                k_scale=zeros(b, h, self.n_groups + 1, d), k_zero=zeros(b, h, self.n_groups + 1, d),
+                v_codes=zeros(b, h, tokens, packed, dt=torch.uint8),
+                v_scale=zeros(b, h, tokens, d // group_size), v_zero=zeros(b, h, tokens, d // group_size),
             )
         for name, buf in buffers.items():
             self.register_buffer(name, buf, persistent=False)
@@ -53,7 +53,7 @@ class QuantizedCache(SinkWindowCache):
         g, s, w = self.evict_block, self.sink_size, self.window_size
         t = input_pos.shape[0]
         n_cand = (t - 1) // g + 1  # most blocks one chunk can complete
-        first = _floor_div(input_pos[0] - w - s, g)
+        first = floor_div(input_pos[0] - w - s, g)
         blocks = first + torch.arange(n_cand, device=input_pos.device)  # [n_cand]
         done = (blocks >= 0) & (s + (blocks + 1) * g - 1 <= input_pos[-1] - w)
         dest = torch.where(done, blocks, torch.full_like(blocks, self.n_groups))

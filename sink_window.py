@@ -18,7 +18,7 @@ import torch
 from kv_cache import KVCache, batch_rows
 
 
-def _floor_div(a: torch.Tensor, b: int) -> torch.Tensor:
+def floor_div(a: torch.Tensor, b: int) -> torch.Tensor:
     return torch.div(a, b, rounding_mode="floor")
 
 
@@ -37,7 +37,7 @@ class SinkWindowCache(KVCache):
     def n_evicted(self, pos: torch.Tensor) -> torch.Tensor:
         """Non-sink tokens no longer exact once the token at `pos` is in (elementwise)."""
         past_window = (pos - self.sink_size - self.window_size + 1).clamp(min=0)
-        return _floor_div(past_window, self.evict_block) * self.evict_block
+        return floor_div(past_window, self.evict_block) * self.evict_block
 
     def slot_of(self, pos: torch.Tensor) -> torch.Tensor:
         ring = self.sink_size + torch.remainder(pos - self.sink_size, self.ring_size)

@@ -5,7 +5,7 @@ slots, int8, KIVI int4/int2), the Triton kernel against F.scaled_dot_product_att
 bf16 cache of the same length, next to the floor: bytes the call must read over the measured
 copy bandwidth. Every timed configuration is also checked against decode_attention_reference.
 
-    python3 scripts/bench_attention.py [--sweep] [--out DIR]
+    python3 -m scripts.bench_attention [--sweep] [--out DIR]
 
 Writes bench_attention.json (and prints a table) to $OUT, else outputs/.
 """
@@ -20,10 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import decode_attention as da  # noqa: E402
-from tests.test_decode_attention import make_body, rel_err  # noqa: E402
+import decode_attention as da
+from tests.test_decode_attention import make_body, rel_err
 
 HQ, HKV, D = 32, 8, 128
 # (BLOCK_N, num_warps, num_stages) tried per format at B=8; run 1 (notes/kernel.md) settled bf16/int8.

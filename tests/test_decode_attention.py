@@ -11,7 +11,6 @@ Tolerances (relative norm ||out - ref|| / ||ref||):
 """
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -20,8 +19,6 @@ if not torch.cuda.is_available():
     # The Triton interpreter check below needs this before triton is first imported (the
     # triton.language helpers are jit functions, interpreted or not from their import on).
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kv_quant  # noqa: E402
 from decode_attention import QuantizedBody, decode_attention, decode_attention_reference  # noqa: E402

@@ -115,9 +115,7 @@ class QuantizedCache(SinkWindowCache):
     def attend(self, q, input_pos):
         bsz = q.shape[0]
         if use_decode_kernel(q):
-            pos = input_pos[0]
-            mask = self.exact_slot_positions(pos) >= 0
-            n = torch.full_like(input_pos, self.exact_k.shape[2])
+            n, mask = self.decode_validity(input_pos)
             return decode_attention(q[:, :, 0], self.exact_k[:bsz], self.exact_v[:bsz], exact_len=n, exact_mask=mask,
                                     body=self.body(bsz), body_len=self.n_quantized(input_pos))[:, :, None]
 

@@ -53,6 +53,11 @@ class SinkWindowCache(KVCache):
         valid &= (slots < self.sink_size) | (held >= self.sink_size + self.n_evicted(pos))
         return torch.where(valid, held, torch.full_like(held, -1))
 
+    def decode_validity(self, input_pos: torch.Tensor):
+        """(exact_len, exact_mask) for decode_attention after a decode step: every slot counts,
+        the mask says which hold a valid exact token."""
+        return torch.full_like(input_pos, self.trash_slot + 1), self.exact_slot_positions(input_pos[0]) >= 0
+
     # -- writes ----------------------------------------------------------------------------
     def update(self, input_pos, k, v):
         bsz, _, t, _ = k.shape

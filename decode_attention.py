@@ -81,7 +81,9 @@ def decode_attention_reference(q, k, v, exact_len, exact_mask=None, body=None, b
     n_rep = Hq // Hkv
     scale = D ** -0.5 if sm_scale is None else sm_scale
     keys, values = [k.float()], [v.float()]
-    valid = torch.arange(N, device=k.device) < exact_len.reshape(())  # [N]
+    valid = torch.ones(N, dtype=torch.bool, device=k.device)  # [N]
+    if exact_len is not None:
+        valid &= torch.arange(N, device=k.device) < exact_len.reshape(())
     if exact_mask is not None:
         valid = valid & exact_mask
     valids = [valid]
@@ -194,13 +196,17 @@ def _kernels():
         sl_b, sl_h,
         qk_scale, Hkv, split_offset, n_splits, cap,
         N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-        G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, KEY_TF32: tl.constexpr,
+        G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
+        KEY_TF32: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // Hkv
         h = bh % Hkv
-        seg_len = tl.minimum(tl.load(LEN).to(tl.int32), cap)  # never past the buffer
+        if HAS_LEN:
+            seg_len = tl.minimum(tl.load(LEN).to(tl.int32), cap)  # never past the buffer
+        else:
+            seg_len = cap
         # Static grid, dynamic work: chunk of the *current* length, rounded up to the tile.
         chunk = tl.cdiv(tl.cdiv(seg_len, n_splits), BLOCK_N) * BLOCK_N
         start = split * chunk
@@ -407,12 +413,12 @@ def _decode_attention_triton(q, k, v, exact_len, exact_mask, bits, group_size,
             V, V.stride(0), V.stride(1), V.stride(2),
             KS, KZ, *ks_strides,
             VS, VZ, *vs_strides,
-            LEN, mask if mask is not None else LEN,
+            LEN if LEN is not None else q, mask if mask is not None else q,
             o_part, lse, o_part.stride(0), o_part.stride(1), o_part.stride(2),
             lse.stride(0), lse.stride(1),
             qk_scale, Hkv, offset, n_splits, cap,
             N_REP=n_rep, M=M, D=D, BITS=seg_bits, G=group_size if seg_bits in (4, 2) else 1,
-            BLOCK_N=bn, HAS_MASK=mask is not None,
+            BLOCK_N=bn, HAS_LEN=LEN is not None, HAS_MASK=mask is not None,
             KEY_TF32=bool(KIVI_KEY_TF32 if key_tf32 is None else key_tf32) and seg_bits in (4, 2),
             num_warps=w, num_stages=st,
         )
@@ -433,7 +439,7 @@ def _decode_attention_triton(q, k, v, exact_len, exact_mask, bits, group_size,
 
 @torch.library.custom_op("kvcache::decode_attention", mutates_args=())
 def _decode_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, exact_len: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, exact_len: Optional[torch.Tensor],
     exact_mask: Optional[torch.Tensor], bits: int, group_size: int,
     k_codes: Optional[torch.Tensor], k_scale: Optional[torch.Tensor], k_zero: Optional[torch.Tensor],
     v_codes: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], v_zero: Optional[torch.Tensor],
@@ -469,7 +475,8 @@ def _check_args(q, k, v, exact_len, exact_mask, body, body_len):
     _check(Hq % Hkv == 0, f"Hq={Hq} is not a multiple of Hkv={Hkv}")
     _check(k.dtype == q.dtype and v.dtype == q.dtype, f"k/v dtype {k.dtype}/{v.dtype} != q dtype {q.dtype}")
     _check(q.stride(2) == 1 and k.stride(3) == 1 and v.stride(3) == 1, "q, k, v must be contiguous in the last dim")
-    _check(exact_len.numel() == 1 and not exact_len.dtype.is_floating_point, "exact_len must be a one-element int tensor")
+    _check(exact_len is None or (exact_len.numel() == 1 and not exact_len.dtype.is_floating_point),
+           "exact_len must be None or a one-element int tensor")
     if exact_mask is not None:
         _check(exact_mask.dtype == torch.bool and exact_mask.shape == (N,), f"exact_mask must be bool [{N}]")
     if q.is_cuda:
@@ -510,7 +517,8 @@ def _check_args(q, k, v, exact_len, exact_mask, body, body_len):
 def decode_attention(q, k, v, exact_len, exact_mask=None, body=None, body_len=None, sm_scale=None):
     """Attention of one new token per sequence over [body; exact slots] with one softmax.
 
-    q [B, Hq, D]; k, v [B, Hkv, N, D] exact slots (slot >= exact_len or exact_mask False ignored);
+    q [B, Hq, D]; k, v [B, Hkv, N, D] exact slots (slot >= exact_len or exact_mask False ignored;
+    exact_len None: all N slots count);
     body: QuantizedBody or None, tokens >= body_len ignored. Returns [B, Hq, D] in q's dtype.
     """
     _check_args(q, k, v, exact_len, exact_mask, body, body_len)

@@ -29,7 +29,9 @@ def quantize_symmetric_per_token(x: torch.Tensor, dtype: torch.dtype):
     """
     x32 = x.float()
     absmax = x32.abs().amax(dim=-1, keepdim=True)
-    scale = (absmax / INT8_MAX).to(dtype)
+    # A multiply by the fp32 reciprocal, not a division: PyTorch's CUDA kernels divide by a scalar
+    # that way, so this rounds alike on every device (and in ring_append's kernel).
+    scale = (absmax * (1.0 / INT8_MAX)).to(dtype)
     scale = torch.where(scale.float() * INT8_MAX < absmax, _next_up(scale), scale)
     # An all-zero vector gets scale 1 and codes 0 instead of 0/0.
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)

@@ -85,6 +85,11 @@ class QuantizedCache(SinkWindowCache):
         put(self.v_scale, vs)
         put(self.v_zero, vz)
 
+    def append_body(self, input_pos, bsz):
+        if self.bits != 8:  # KIVI groups are quantized in PyTorch (once per group of steps)
+            return super().append_body(input_pos, bsz)
+        return tuple(batch_rows(getattr(self, n), bsz) for n in ("k_codes", "k_scale", "v_codes", "v_scale"))
+
     # -- reads ----------------------------------------------------------------------------
     def body(self, bsz: int):
         """The quantized body as decode_attention.QuantizedBody."""
@@ -115,9 +120,9 @@ class QuantizedCache(SinkWindowCache):
     def attend(self, q, input_pos):
         bsz = q.shape[0]
         if use_decode_kernel(q):
-            n, mask = self.decode_validity(input_pos)
-            return decode_attention(q[:, :, 0], self.exact_k[:bsz], self.exact_v[:bsz], exact_len=n, exact_mask=mask,
-                                    body=self.body(bsz), body_len=self.n_quantized(input_pos))[:, :, None]
+            mask, body_len = self.decode_validity()
+            return decode_attention(q[:, :, 0], self.exact_k[:bsz], self.exact_v[:bsz], exact_len=None, exact_mask=mask,
+                                    body=self.body(bsz), body_len=body_len)[:, :, None]
 
         # PyTorch path (CPU, prefill, and the kernel's reference): dequantize, then one softmax
         # over sink + body + recent exact tokens, each masked by what the query's moment holds.

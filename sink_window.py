@@ -12,10 +12,14 @@ position P the exact tokens are the sink plus positions [sink + n_evicted(P), P]
 
 Sink and ring share one buffer `exact_k/exact_v` [B, H, sink + ring + 1, D]; the last slot is a
 trash slot that absorbs writes which must not land (a masked write without a host sync).
+
+A decode step on the GPU writes through one ring_append kernel per layer; prefill chunks and the
+CPU take the PyTorch path below, which is also the kernel's reference.
 """
 import torch
 
-from kv_cache import KVCache, batch_rows
+import ring_append
+from kv_cache import KVCache, batch_rows, use_decode_kernel
 
 
 def floor_div(a: torch.Tensor, b: int) -> torch.Tensor:
@@ -32,12 +36,12 @@ class SinkWindowCache(KVCache):
         self.register_buffer("exact_k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("exact_v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self._recent = None
+        self._decode_validity = None
 
     # -- positions -------------------------------------------------------------------------
     def n_evicted(self, pos: torch.Tensor) -> torch.Tensor:
         """Non-sink tokens no longer exact once the token at `pos` is in (elementwise)."""
-        past_window = (pos - self.sink_size - self.window_size + 1).clamp(min=0)
-        return floor_div(past_window, self.evict_block) * self.evict_block
+        return ring_append.n_evicted(pos, self.sink_size, self.window_size, self.evict_block)
 
     def slot_of(self, pos: torch.Tensor) -> torch.Tensor:
         ring = self.sink_size + torch.remainder(pos - self.sink_size, self.ring_size)
@@ -46,21 +50,23 @@ class SinkWindowCache(KVCache):
     def exact_slot_positions(self, pos: torch.Tensor) -> torch.Tensor:
         """Position held by each exact slot once the token at scalar-tensor `pos` is written ([N]);
         -1 where a slot holds nothing valid."""
-        slots = torch.arange(self.trash_slot + 1, device=pos.device)
-        ring_pos = pos - torch.remainder(pos - slots, self.ring_size)
-        held = torch.where(slots < self.sink_size, slots, ring_pos)
-        valid = (held <= pos) & (held >= 0) & (slots < self.trash_slot)
-        valid &= (slots < self.sink_size) | (held >= self.sink_size + self.n_evicted(pos))
-        return torch.where(valid, held, torch.full_like(held, -1))
+        return ring_append.slot_positions(pos, self.trash_slot + 1, self.sink_size, self.window_size, self.evict_block)
 
-    def decode_validity(self, input_pos: torch.Tensor):
-        """(exact_len, exact_mask) for decode_attention after a decode step: every slot counts,
-        the mask says which hold a valid exact token."""
-        return torch.full_like(input_pos, self.trash_slot + 1), self.exact_slot_positions(input_pos[0]) >= 0
+    def decode_validity(self):
+        """(exact slot valid [N] bool, body length [1]) after this decode step's ring_append: what
+        decode_attention needs (every slot counts, the mask says which hold a token)."""
+        return self._decode_validity
 
     # -- writes ----------------------------------------------------------------------------
     def update(self, input_pos, k, v):
         bsz, _, t, _ = k.shape
+        if use_decode_kernel(k):
+            self._recent = None
+            body = self.append_body(input_pos, bsz)
+            self._decode_validity = ring_append.ring_append(
+                input_pos, k[:, :, 0], v[:, :, 0], batch_rows(self.exact_k, bsz), batch_rows(self.exact_v, bsz),
+                self.sink_size, self.window_size, self.evict_block, body)
+            return
         if t == 1:
             # A decode step: the tokens leaving the window are still in their ring slots, and
             # once the new token is written the buffer holds everything the query sees.
@@ -84,6 +90,12 @@ class SinkWindowCache(KVCache):
     def evict(self, input_pos, bsz) -> None:
         """Called before the new tokens are written; compress_kv drops, quantize_kv quantizes
         (reading the leaving tokens with exact_tokens)."""
+
+    def append_body(self, input_pos, bsz):
+        """Before a ring_append: the int8 body (k_codes, k_scale, v_codes, v_scale) it quantizes the
+        leaving token into, or None once evict() has done what the kernel does not."""
+        self.evict(input_pos, bsz)
+        return None
 
     def exact_tokens(self, pos: torch.Tensor, bsz: int):
         """Keys and values [B, H, n, D] of positions `pos` [n] that are still exact before this

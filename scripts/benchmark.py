@@ -17,6 +17,7 @@ random model with tp.py; every rank times its own step (they run in lockstep), r
 bytes, floor and kv_bytes of each row are per rank.
 """
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -31,7 +32,7 @@ import torch
 import tp
 from generate import decode_one_token, pick_device
 from model import ModelArgs, Transformer
-from strategies import cache_factory
+from strategies import cache_factory, check_settings
 
 STRATEGY_SETTINGS = {
     "full": {"strategy": "full"},
@@ -43,9 +44,13 @@ STRATEGY_SETTINGS = {
 BODY_BUFFERS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
 
 
-def random_model(preset: str, device: str, dtype: torch.dtype) -> Transformer:
+def random_model(preset: str, device: str, dtype: torch.dtype, n_layer: int = 0) -> Transformer:
+    """The preset's shapes with random weights; n_layer > 0 keeps only that many layers."""
+    config = ModelArgs.from_name(preset)
+    if n_layer:
+        config = dataclasses.replace(config, n_layer=n_layer)
     with torch.device("meta"):
-        model = Transformer(ModelArgs.from_name(preset))
+        model = Transformer(config)
     model = model.to(dtype).to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -127,16 +132,22 @@ def time_steps(step, model, x, input_pos, n: int, cuda: bool) -> list[float]:
     return out
 
 
-def top_kernels(step, model, x, input_pos, n: int = 5) -> list[dict]:
+def kernel_table(step, model, x, input_pos, n_steps: int = 10) -> dict:
+    """Every GPU kernel of one decode step, heaviest first, from the profiler over n_steps
+    replays: calls and microseconds per step. busy_ms (the kernels' summed time per step) against
+    the step's wall time shows how much of the step is launch gaps rather than work."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
+        for _ in range(n_steps):
             step(model, x, input_pos, 0.0, None)
         torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:n]
-    total = sum(e.device_time_total for e in prof.key_averages()) or 1
-    return [{"name": e.key[:120], "share": e.device_time_total / total} for e in rows]
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    busy_us = sum(e.device_time_total for e in events) / n_steps
+    kernels = [{"name": e.key[:160], "calls_per_step": e.count / n_steps, "us_per_step": e.device_time_total / n_steps,
+                "share": e.device_time_total / n_steps / busy_us} for e in events]
+    return {"busy_ms": busy_us / 1000, "kernels": kernels}
 
 
 def bench_config(model, batch, name, args, device, bandwidth) -> list[dict]:
@@ -148,6 +159,7 @@ def bench_config(model, batch, name, args, device, bandwidth) -> list[dict]:
     if settings["strategy"] == "quantize_kv":
         settings["group_size"] = args.group_size
     max_seq = max(contexts) + 8
+    check_settings(settings, model.config.head_dim, max_seq, device.split(":")[0])
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     model.setup_caches(batch, max_seq, cache_factory(settings))
@@ -177,15 +189,16 @@ def bench_config(model, batch, name, args, device, bandwidth) -> list[dict]:
                 "compile_s": compile_s,
             }
             row["roofline_fraction"] = row["floor_ms"] / ms if bandwidth else None
+            if cuda:
+                row.update(kernel_table(step, model, x, input_pos))
             rows.append(row)
             print(f"  batch {batch:2d} ctx {ctx:6d} {name:11s} {ms:8.3f} ms/step  floor {row['floor_ms'] or 0:7.3f} ms"
-                  f"  ({(row['roofline_fraction'] or 0):.0%} of roofline)", flush=True)
+                  f"  ({(row['roofline_fraction'] or 0):.0%} of roofline)"
+                  + (f"  kernels busy {row['busy_ms']:.3f} ms" if cuda else ""), flush=True)
         if cuda:
-            kernels = top_kernels(step, model, x, input_pos)
             peak = torch.cuda.max_memory_allocated()
             for row in rows:
                 row["peak_memory_bytes"] = peak
-            rows[-1]["top_kernels"] = kernels
     del step
     torch._dynamo.reset()
     model.setup_caches(1, 8, cache_factory({"strategy": "full"}))  # release the big caches
@@ -230,6 +243,7 @@ def main() -> None:
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     p.add_argument("--long_context", type=int, default=131072, help="extra context at batch 1 (0 to skip)")
+    p.add_argument("--layers", type=int, default=0, help="keep only this many of the preset's layers (kernel studies; 0 = all)")
     p.add_argument("--strategies", nargs="+", choices=list(STRATEGY_SETTINGS), default=list(STRATEGY_SETTINGS))
     p.add_argument("--sink_size", type=int, default=16)
     p.add_argument("--window_size", type=int, default=32)
@@ -255,13 +269,13 @@ def main() -> None:
     bandwidth = copy_bandwidth(device) if cuda else None
     if bandwidth:
         print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
-    model = random_model(args.model, device, dtype)
+    model = random_model(args.model, device, dtype, args.layers)
     try:
         tp.shard(model)
     except ValueError as e:
         sys.exit(f"error: {e}" if tp.is_main() else 1)
     result = {
-        "command": " ".join(sys.argv), "commit": git_commit(), "model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "command": " ".join(sys.argv), "commit": git_commit(), "model": args.model, "layers": model.config.n_layer, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "tp": tp.world_size(),
         "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth, "rows": [], "errors": [],
     }
@@ -269,6 +283,9 @@ def main() -> None:
         for name in args.strategies:
             try:
                 result["rows"] += bench_config(model, batch, name, args, device, bandwidth)
+            except ValueError as e:  # settings that do not fit this model (check_settings)
+                result["errors"].append({"batch": batch, "strategy": name, "error": str(e)})
+                print(f"  batch {batch} {name}: skipped: {e}", flush=True)
             except torch.cuda.OutOfMemoryError as e:
                 result["errors"].append({"batch": batch, "strategy": name, "error": f"out of memory: {e}"[:300]})
                 print(f"  batch {batch} {name}: out of memory", flush=True)

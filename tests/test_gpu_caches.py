@@ -13,6 +13,7 @@ import torch
 import compress_kv
 import kv_cache
 import quantize_kv
+import sink_window
 from generate import decode_one_token
 from model import ModelArgs, Transformer
 from strategies import cache_factory
@@ -58,7 +59,7 @@ def test_kernel_path_matches_pytorch_path(settings, batch, monkeypatch):
     torch._dynamo.reset()
     compiled = torch.compile(logits_step, mode="reduce-overhead", fullgraph=True)
     got = decode_logits(model, settings, tokens, 100, compiled)
-    for module in (kv_cache, compress_kv, quantize_kv):
+    for module in (kv_cache, sink_window, compress_kv, quantize_kv):
         monkeypatch.setattr(module, "use_decode_kernel", lambda q: False)
     want = decode_logits(model, settings, tokens, 100, logits_step)
     err = (got - want).flatten(1).norm(dim=1) / want.flatten(1).norm(dim=1)

@@ -40,7 +40,7 @@ class CompressedCache(SinkWindowCache):
             # One query: move the sink keys forward by the shift instead of the query back.
             sink_k = apply_rotary_emb(self.exact_k[:bsz, :, :s].transpose(1, 2), self.freqs_cis[shift].expand(s, -1, -1))
             k = torch.cat([sink_k.transpose(1, 2), self.exact_k[:bsz, :, s:]], dim=2)
-            mask, _ = self.decode_validity()
+            mask, _ = self.take_decode_validity()
             return decode_attention(q[:, :, 0], k, self.exact_v[:bsz], exact_len=None, exact_mask=mask)[:, :, None]
 
         sink, window = self.attention_inputs(input_pos, bsz)

@@ -120,7 +120,7 @@ class QuantizedCache(SinkWindowCache):
     def attend(self, q, input_pos):
         bsz = q.shape[0]
         if use_decode_kernel(q):
-            mask, body_len = self.decode_validity()
+            mask, body_len = self.take_decode_validity()
             return decode_attention(q[:, :, 0], self.exact_k[:bsz], self.exact_v[:bsz], exact_len=None, exact_mask=mask,
                                     body=self.body(bsz), body_len=body_len)[:, :, None]
 

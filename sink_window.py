@@ -52,10 +52,13 @@ class SinkWindowCache(KVCache):
         -1 where a slot holds nothing valid."""
         return ring_append.slot_positions(pos, self.trash_slot + 1, self.sink_size, self.window_size, self.evict_block)
 
-    def decode_validity(self):
-        """(exact slot valid [N] bool, body length [1]) after this decode step's ring_append: what
-        decode_attention needs (every slot counts, the mask says which hold a token)."""
-        return self._decode_validity
+    def take_decode_validity(self):
+        """(exact slot valid [N] bool, body length [1]) from this decode step's ring_append: what
+        decode_attention needs (every slot counts, the mask says which hold a token). Taken, not
+        kept: a tensor left on the module would become an output of the compiled step, which
+        CUDA-graph replays then track and which costs host time on every step."""
+        validity, self._decode_validity = self._decode_validity, None
+        return validity
 
     # -- writes ----------------------------------------------------------------------------
     def update(self, input_pos, k, v):

@@ -6,11 +6,16 @@
 Random bf16 weights of the preset's shapes (decode speed does not depend on the values) and
 caches filled with random data up to each context length. One compiled decode step
 (CUDA graphs) per (batch, strategy) serves every context: the cache is sized once for the longest
-and the step reads the current position from a device tensor. For each context: the median step
-time over --steps steps, repeated --repeats times; the bytes the step must read (every weight
-once plus the valid part of every cache buffer) over the copy bandwidth measured here gives the
-floor. Writes JSON (every figure, the command, commit and device) and a PNG of step time vs
-context.
+and the step reads the current position from a device tensor. For each context:
+  - ms_per_step: the median step time over --steps steps, each waited for, repeated --repeats
+    times (the median of the repeats' medians); it includes the host's work per step;
+  - ms_per_step_back_to_back: --steps steps queued without waiting, timed as a whole (median of
+    --repeats), as a generation loop runs;
+  - floor: the bytes the step must read (every weight once plus the valid part of every cache
+    buffer) over the copy bandwidth measured here;
+  - on CUDA, every kernel of the step with its calls and microseconds (busy_ms: their sum).
+Writes JSON (every figure, the command, commit and device) and a PNG of step time vs context.
+--layers N keeps N of the preset's layers, for quick kernel studies.
 
 Tensor parallel: `torchrun --standalone --nproc_per_node 2 -m scripts.benchmark ...` shards the
 random model with tp.py; every rank times its own step (they run in lockstep), rank 0 writes. The
@@ -132,6 +137,24 @@ def time_steps(step, model, x, input_pos, n: int, cuda: bool) -> list[float]:
     return out
 
 
+def time_back_to_back(step, model, x, input_pos, n: int, cuda: bool) -> float:
+    """Milliseconds per step of n steps queued back to back, timed as a whole: the host's work
+    for each step (guards, graph launch) overlaps the GPU's, as in a generation loop that does
+    not wait for every token. The per-step figures of time_steps wait, so they include it."""
+    if not cuda:
+        t = time.perf_counter()
+        for _ in range(n):
+            step(model, x, input_pos, 0.0, None)
+        return (time.perf_counter() - t) * 1000 / n
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        step(model, x, input_pos, 0.0, None)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
 def kernel_table(step, model, x, input_pos, n_steps: int = 10) -> dict:
     """Every GPU kernel of one decode step, heaviest first, from the profiler over n_steps
     replays: calls and microseconds per step. busy_ms (the kernels' summed time per step) against
@@ -181,10 +204,12 @@ def bench_config(model, batch, name, args, device, bandwidth) -> list[dict]:
             time_steps(step, model, x, input_pos, 5, cuda)
             medians = [statistics.median(time_steps(step, model, x, input_pos, args.steps, cuda)) for _ in range(args.repeats)]
             ms = statistics.median(medians)
+            back_to_back = [time_back_to_back(step, model, x, input_pos, args.steps, cuda) for _ in range(args.repeats)]
             need = bytes_read(model, batch, ctx)
             row = {
                 "batch": batch, "context": ctx, "strategy": name, "settings": settings, "ms_per_step": ms,
-                "ms_repeat_medians": medians, "tokens_per_s": batch * 1000 / ms, "bytes_read": need,
+                "ms_repeat_medians": medians, "ms_per_step_back_to_back": statistics.median(back_to_back),
+                "ms_back_to_back_repeats": back_to_back, "tokens_per_s": batch * 1000 / ms, "bytes_read": need,
                 "floor_ms": need / bandwidth * 1000 if bandwidth else None, "kv_bytes": kv_bytes,
                 "compile_s": compile_s,
             }
@@ -192,7 +217,7 @@ def bench_config(model, batch, name, args, device, bandwidth) -> list[dict]:
             if cuda:
                 row.update(kernel_table(step, model, x, input_pos))
             rows.append(row)
-            print(f"  batch {batch:2d} ctx {ctx:6d} {name:11s} {ms:8.3f} ms/step  floor {row['floor_ms'] or 0:7.3f} ms"
+            print(f"  batch {batch:2d} ctx {ctx:6d} {name:11s} {ms:8.3f} ms/step  back to back {row['ms_per_step_back_to_back']:8.3f}  floor {row['floor_ms'] or 0:7.3f} ms"
                   f"  ({(row['roofline_fraction'] or 0):.0%} of roofline)"
                   + (f"  kernels busy {row['busy_ms']:.3f} ms" if cuda else ""), flush=True)
         if cuda:

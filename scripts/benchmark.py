@@ -257,9 +257,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def git_commit() -> str:
-    """The checkout's commit; ENGINE_COMMIT where the code was copied without its .git."""
+    """ENGINE_COMMIT when set (code copied to another machine, where a .git may be stale or
+    missing), else the checkout's commit."""
+    if os.environ.get("ENGINE_COMMIT"):
+        return os.environ["ENGINE_COMMIT"]
     r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return r.stdout.strip() or os.environ.get("ENGINE_COMMIT", "unknown")
+    return r.stdout.strip() or "unknown"
 
 
 def main() -> None:

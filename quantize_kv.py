@@ -65,25 +65,30 @@ class QuantizedCache(SinkWindowCache):
     def _write_blocks(self, dest, k, v, n_cand):
         bsz, h, _, d = k.shape
         g, dt = self.evict_block, self.exact_k.dtype
+        # Index the buffers as they are (tokens, or key groups): a write through a reshaped view
+        # of a buffer makes the compiled step copy the whole buffer every step.
+        token_dest = (dest[:, None] * g + torch.arange(g, device=dest.device)).flatten()  # [n_cand * G]
 
-        def put(buf, value):
-            # A body tensor seen as [B, H, n_groups + 1, block bytes]: one row per block slot.
-            batch_rows(buf, bsz).view(bsz, h, self.n_groups + 1, -1).index_copy_(2, dest, value.reshape(bsz, h, n_cand, -1))
+        def put_tokens(buf, value):  # value [B, H, n_cand * G, X]
+            batch_rows(buf, bsz).index_copy_(2, token_dest, value.reshape(bsz, h, n_cand * g, -1))
+
+        def put_groups(buf, value):  # value [B, H, n_cand, X]
+            batch_rows(buf, bsz).index_copy_(2, dest, value.reshape(bsz, h, n_cand, -1))
 
         if self.bits == 8:
             for name, x in (("k", k), ("v", v)):
                 codes, scale = kq.quantize_symmetric_per_token(x, dt)
-                put(getattr(self, f"{name}_codes"), codes)
-                put(getattr(self, f"{name}_scale"), scale)
+                put_tokens(getattr(self, f"{name}_codes"), codes)
+                put_tokens(getattr(self, f"{name}_scale"), scale)
             return
         kc, ks, kz = kq.quantize_asymmetric_per_channel(k.view(bsz, h, n_cand, g, d), self.bits, dt)
-        put(self.k_codes, kq.pack_codes(kc, self.bits))
-        put(self.k_scale, ks)
-        put(self.k_zero, kz)
+        put_tokens(self.k_codes, kq.pack_codes(kc, self.bits))
+        put_groups(self.k_scale, ks)
+        put_groups(self.k_zero, kz)
         vc, vs, vz = kq.quantize_asymmetric_per_token_group(v, self.bits, self.group_size, dt)
-        put(self.v_codes, kq.pack_codes(vc, self.bits))
-        put(self.v_scale, vs)
-        put(self.v_zero, vz)
+        put_tokens(self.v_codes, kq.pack_codes(vc, self.bits))
+        put_tokens(self.v_scale, vs)
+        put_tokens(self.v_zero, vz)
 
     def append_body(self, input_pos, bsz):
         if self.bits != 8:  # KIVI groups are quantized in PyTorch (once per group of steps)

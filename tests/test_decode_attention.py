@@ -151,6 +151,13 @@ def test_sm_scale_and_nothing_valid():
     assert torch.isfinite(empty).all()
 
 
+def test_no_exact_len_means_every_slot():
+    """exact_len None (the sink/window caches: the mask alone says which slots count)."""
+    q, k, v, el, mask, body, bl = _case(6, 2, 2, 2, 64, 24, 24, True, 8, 0, 32, 20, torch.float32)
+    out = decode_attention(q, k, v, None, mask, body, bl)
+    assert rel_err(out, oracle(q, k, v, torch.tensor([24]), mask, body, bl)) < 1e-5
+
+
 def test_bad_arguments_are_reported():
     q, k, v, el, mask, body, bl = _case(4, 1, 2, 2, 64, 16, 9, False, 4, 32, 64, 40, torch.float32)
     with pytest.raises(ValueError, match="Hq"):

@@ -140,3 +140,13 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="int8 body"):
         ring_append.ring_append(torch.tensor([0]), k, k, torch.zeros(1, 2, 4 + 8 + 4, 16), torch.zeros(1, 2, 16, 16), 4, 8, 4,
                                 (None,) * 4)
+
+
+def test_custom_op_registration():
+    """The op declares what it mutates and has a fake (meta) implementation for torch.compile."""
+    B, H, D, sink, window = 2, 2, 16, 4, 8
+    ek, ev = torch.randn(B, H, sink + window + 1, D), torch.randn(B, H, sink + window + 1, D)
+    body = (torch.zeros(B, H, 40, D, dtype=torch.int8), torch.ones(B, H, 40, 1),
+            torch.zeros(B, H, 40, D, dtype=torch.int8), torch.ones(B, H, 40, 1))
+    args = (torch.tensor([20]), torch.randn(B, H, D), torch.randn(B, H, D), ek, ev, sink, window, 1, *body)
+    torch.library.opcheck(torch.ops.kvcache.ring_append.default, args, test_utils=("test_schema", "test_faketensor"))

@@ -23,8 +23,6 @@ import torch
 
 import kv_quant
 
-INT8_MAX = kv_quant.INT8_MAX
-
 
 def slot_positions(pos: torch.Tensor, n_slots: int, sink: int, window: int, evict_block: int) -> torch.Tensor:
     """Position held by each exact slot once the token at scalar-tensor `pos` is written ([n_slots],
@@ -97,7 +95,7 @@ def _kernel():
                     x = tl.load((EK if i == 0 else EV) + src + offs).to(tl.float32)
                     scale_ptr = (KS if i == 0 else VS) + b * ssb + h * ssh + row * ssn
                     absmax = tl.max(tl.abs(x), axis=0)
-                    s = (absmax * (1.0 / 127.0)).to(scale_ptr.dtype.element_ty)
+                    s = (absmax * (1.0 / 127.0)).to(scale_ptr.dtype.element_ty)  # 127: kv_quant.INT8_MAX
                     if s.to(tl.float32) * 127.0 < absmax:  # one ulp up (s > 0 here)
                         if SCALE_BITS == 16:
                             s = (s.to(tl.int16, bitcast=True) + 1).to(scale_ptr.dtype.element_ty, bitcast=True)

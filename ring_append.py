@@ -24,6 +24,11 @@ import torch
 import kv_quant
 
 
+def slot_of(pos: torch.Tensor, sink: int, ring: int) -> torch.Tensor:
+    """Exact slot of the token at `pos` (elementwise): the sink keeps slot p, the ring wraps."""
+    return torch.where(pos < sink, pos, sink + torch.remainder(pos - sink, ring))
+
+
 def slot_positions(pos: torch.Tensor, n_slots: int, sink: int, window: int, evict_block: int) -> torch.Tensor:
     """Position held by each exact slot once the token at scalar-tensor `pos` is written ([n_slots],
     the last one being the trash slot); -1 where a slot holds nothing valid."""
@@ -51,14 +56,14 @@ def ring_append_reference(pos, k, v, exact_k, exact_v, sink, window, evict_block
     ring = window + evict_block - 1
     if k_codes is not None:
         leaving = p - window  # the token that leaves the window at this step
-        slot = sink + torch.remainder(leaving - sink, ring)
+        slot = slot_of(leaving.clamp(min=sink), sink, ring)
         row = (leaving - sink).clamp(min=0)
         keep = (leaving >= sink).reshape(1, 1, 1)
         for src, codes, scale in ((exact_k, k_codes, k_scale), (exact_v, v_codes, v_scale)):
             c, s = kv_quant.quantize_symmetric_per_token(src[:, :, slot], scale.dtype)
             codes[:, :, row] = torch.where(keep, c, codes[:, :, row])
             scale[:, :, row] = torch.where(keep, s, scale[:, :, row])
-    slot = torch.where(p < sink, p, sink + torch.remainder(p - sink, ring))
+    slot = slot_of(p, sink, ring)
     exact_k[:, :, slot] = k
     exact_v[:, :, slot] = v
     held = slot_positions(p, exact_k.shape[2], sink, window, evict_block)

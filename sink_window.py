@@ -44,8 +44,7 @@ class SinkWindowCache(KVCache):
         return ring_append.n_evicted(pos, self.sink_size, self.window_size, self.evict_block)
 
     def slot_of(self, pos: torch.Tensor) -> torch.Tensor:
-        ring = self.sink_size + torch.remainder(pos - self.sink_size, self.ring_size)
-        return torch.where(pos < self.sink_size, pos, ring)
+        return ring_append.slot_of(pos, self.sink_size, self.ring_size)
 
     def exact_slot_positions(self, pos: torch.Tensor) -> torch.Tensor:
         """Position held by each exact slot once the token at scalar-tensor `pos` is written ([N]);

@@ -119,40 +119,34 @@ def copy_bandwidth(device: str) -> float:
     return 2 * n / statistics.median(times[5:])
 
 
+def elapsed_ms(run, cuda: bool) -> float:
+    """Milliseconds that run() takes: CUDA events on the GPU, the host clock elsewhere."""
+    if not cuda:
+        t = time.perf_counter()
+        run()
+        return (time.perf_counter() - t) * 1000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def time_steps(step, model, x, input_pos, n: int, cuda: bool) -> list[float]:
-    """Per-step milliseconds of n decode steps (CUDA events on the GPU)."""
-    out = []
-    for _ in range(n):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(model, x, input_pos, 0.0, None)
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            step(model, x, input_pos, 0.0, None)
-            out.append((time.perf_counter() - t) * 1000)
-    return out
+    """Per-step milliseconds of n decode steps, each waited for."""
+    return [elapsed_ms(lambda: step(model, x, input_pos, 0.0, None), cuda) for _ in range(n)]
 
 
 def time_back_to_back(step, model, x, input_pos, n: int, cuda: bool) -> float:
     """Milliseconds per step of n steps queued back to back, timed as a whole: the host's work
     for each step (guards, graph launch) overlaps the GPU's, as in a generation loop that does
     not wait for every token. The per-step figures of time_steps wait, so they include it."""
-    if not cuda:
-        t = time.perf_counter()
+    def run():
         for _ in range(n):
             step(model, x, input_pos, 0.0, None)
-        return (time.perf_counter() - t) * 1000 / n
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        step(model, x, input_pos, 0.0, None)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / n
+
+    return elapsed_ms(run, cuda) / n
 
 
 def kernel_table(step, model, x, input_pos, n_steps: int = 10) -> dict:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import tp
-from generate import decode_one_token, pick_device
+from generate import compiled_step, pick_device
 from model import ModelArgs, Transformer
 from strategies import cache_factory, check_settings
 
@@ -182,7 +182,7 @@ def bench_config(model, batch, name, args, device, bandwidth) -> list[dict]:
     model.setup_caches(batch, max_seq, cache_factory(settings))
     fill_caches(model)
     kv_bytes = sum(c.nbytes() for c in model.caches())
-    step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if args.compile else decode_one_token
+    step = compiled_step(device, args.compile)
     x = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
     input_pos = torch.tensor([contexts[0]], device=device)
     t = time.perf_counter()

@@ -11,7 +11,8 @@ byte once and nothing past the current length:
   kernel, so the grid is static and a CUDA graph replay sees the cache grow;
 - quantized tiles are dequantized in registers: int8 scales multiply the scores and P (the cheap
   side of the product); KIVI tiles are loaded once as packed bytes and unpacked per bit plane
-  into bf16 keys and values (or q * key scale in tf32, KIVI_KEY_TF32);
+  into bf16 keys and values (bf16 caches: a few packed-register PTX instructions per code pair,
+  KIVI_ASM);
 - a second small kernel combines the splits' partial outputs with their log-sum-exps.
 
 CUDA tensors go to the Triton kernels, CPU tensors to `decode_attention_reference`, the
@@ -120,11 +121,36 @@ CONFIGS = {
     (2, 64): (64, 4, 3),
     (2, 128): (64, 4, 3),
 }
-# KIVI keys: True = (q * k_scale) . code in tf32 plus a q . k_zero bias; False = keys dequantized
-# to bf16 in registers, q . key (notes/kernel.md, v3).
-KIVI_KEY_TF32 = False
+# bf16 KIVI tiles unpacked and dequantized with inline PTX (other dtypes, and the interpreter,
+# take the portable path).
+KIVI_ASM = True
 WAVES = 8  # programs per SM the split grid aims for (partial splits idle when len < capacity)
 MIN_SPLIT = 512  # tokens of capacity per split at least (batch 1 at 32K ran best near 1K)
+
+
+def _unpack_asm(bits):
+    """PTX for four packed bytes (one register) -> every plane of them as bf16 128 + code, two per
+    output register: PRMT orders the bytes (b0, b2, b1, b3) so that one LOP3 (mask, then OR the
+    bf16 exponent of 128) yields the pair (byte i, byte i + 1) of a plane; about one instruction
+    per code. Outputs $0, $1 are plane 0's elements (0, 1) and (2, 3), $2, $3 plane 1's, ..."""
+    n = 8 // bits
+    mask = (1 << bits) - 1
+    lines = ["{", ".reg .b32 t, u;", f"prmt.b32 t, ${2 * n}, 0, 0x3120;"]
+    for plane in range(n):
+        for half in range(2):
+            shift = 8 * half + plane * bits
+            src = "t"
+            if shift:
+                lines.append(f"shr.u32 u, t, {shift};")
+                src = "u"
+            lines.append(f"lop3.b32 ${2 * plane + half}, {src}, 0x{mask | mask << 16:08x}, 0x43004300, 0xea;")
+    return "\n".join(lines + ["}"])
+
+
+_DEQUANT_PTX = "\n".join([
+    "{", ".reg .b32 c, one, off;", "mov.b32 one, 0x3f803f80;", "mov.b32 off, 0xc300c300;",
+    "fma.rn.bf16x2 c, $1, one, off;", "fma.rn.bf16x2 $0, c, $2, $3;", "}",
+])
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,24 +166,18 @@ def _kernels():
         return ((c << 16) | 0x43000000).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _kivi_key_plane(q_i, kb, ks_row, kz_row, I: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr,
-                        KEY_TF32: tl.constexpr):
+    def _kivi_key_plane(q_i, kb, ks_row, kz_row, I: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
         """Scores of plane I (channels [I*DP, (I+1)*DP)) of a key tile within one token group.
 
-        q_i [M, DP] (fp32 if KEY_TF32 else q's dtype), kb [DP, BLOCK_N] packed bytes.
-        KEY_TF32: (q_i * k_scale) . code on the tensor cores in tf32, code exact (the zero point
-        is the caller's bias q . k_zero). Else: key = code * scale + zero dequantized in fp32 and
-        rounded to q's dtype (as precise as a bf16 cache), then q_i . key.
+        q_i [M, DP] in q's dtype, kb [DP, BLOCK_N] packed bytes. key = code * scale + zero
+        dequantized in fp32 and rounded to q's dtype (as precise as a cache of that dtype), then
+        q_i . key.
         """
         offs = I * DP + tl.arange(0, DP)
         ks = tl.load(ks_row + offs).to(tl.float32)
-        f = _plane_codes(kb, I, BITS)  # 128 + code
-        if KEY_TF32:
-            return tl.dot(q_i * ks[None, :], f - 128.0, input_precision="tf32")
-        else:
-            kz = tl.load(kz_row + offs).to(tl.float32)
-            kt = f * ks[:, None] + (kz - 128.0 * ks)[:, None]  # one FMA: zero + code * scale
-            return tl.dot(q_i, kt.to(q_i.dtype))
+        kz = tl.load(kz_row + offs).to(tl.float32)
+        kt = _plane_codes(kb, I, BITS) * ks[:, None] + (kz - 128.0 * ks)[:, None]  # one FMA: zero + code * scale
+        return tl.dot(q_i, kt.to(q_i.dtype))
 
     @triton.jit
     def _kivi_value_plane(vb, vs_row, vz_row, ok_n, I: tl.constexpr, DP: tl.constexpr, G: tl.constexpr,
@@ -180,9 +200,49 @@ def _kernels():
             vz_c = tl.reshape(tl.broadcast_to((vz - 128.0 * vs)[:, :, None], [BLOCK_N, NGP, G]), [BLOCK_N, DP])
             return f * vs_c + vz_c
 
+    # bf16 caches (KIVI_ASM): codes unpacked and dequantized with packed-register PTX, about 2
+    # instructions per code instead of ~6 (shift, mask, or, fp32 FMA, convert per element).
+    @triton.jit
+    def _unpack_planes(packed, BITS: tl.constexpr):
+        """Every plane of a packed uint8 tile as bf16 128 + code (exact), a tuple of 8 // BITS."""
+        if BITS == 4:
+            return tl.inline_asm_elementwise(_UNPACK4_ASM, "=r,=r,=r,=r,r", [packed],
+                                             dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_UNPACK2_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
+                                             dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                                             is_pure=True, pack=4)
+
+    @triton.jit
+    def _dequant_bf16(f, scale, zero):
+        """(128 + code) - 128 (exact), then code * scale + zero rounded once: two bf16x2 FMAs
+        per pair of elements; scale and zero bf16, broadcast against f."""
+        return tl.inline_asm_elementwise(_DEQUANT_ASM, "=r,r,r,r", [f, scale, zero], dtype=tl.bfloat16,
+                                         is_pure=True, pack=2)
+
+    @triton.jit
+    def _kivi_key_plane_bf16(f, ks_row, kz_row, I: tl.constexpr, DP: tl.constexpr):
+        """Keys of plane I, [DP, BLOCK_N] bf16, from f = 128 + code and the group's channel params."""
+        offs = I * DP + tl.arange(0, DP)
+        return _dequant_bf16(f, tl.load(ks_row + offs)[:, None], tl.load(kz_row + offs)[:, None])
+
+    @triton.jit
+    def _kivi_value_plane_bf16(f, vs_row, vz_row, ok_n, I: tl.constexpr, DP: tl.constexpr, G: tl.constexpr,
+                               NGP: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Values of plane I as bf16 [BLOCK_N, DP] from f = 128 + code [BLOCK_N, NGP, DP / NGP]:
+        part j of the plane is in value group (I * DP + j * DP / NGP) // G."""
+        groups = (I * DP + tl.arange(0, NGP) * (DP // NGP)) // G
+        vs = tl.load(vs_row[:, None] + groups[None, :], mask=ok_n[:, None], other=0.0)  # [BLOCK_N, NGP]
+        vz = tl.load(vz_row[:, None] + groups[None, :], mask=ok_n[:, None], other=0.0)
+        return tl.reshape(_dequant_bf16(f, vs[:, :, None], vz[:, :, None]), [BLOCK_N, DP])
+
     # Triton resolves the helpers a kernel calls among the module's globals, not this closure.
     globals().update(_plane_codes=_plane_codes, _kivi_key_plane=_kivi_key_plane,
-                     _kivi_value_plane=_kivi_value_plane)
+                     _kivi_value_plane=_kivi_value_plane, _unpack_planes=_unpack_planes,
+                     _dequant_bf16=_dequant_bf16, _kivi_key_plane_bf16=_kivi_key_plane_bf16,
+                     _kivi_value_plane_bf16=_kivi_value_plane_bf16,
+                     _UNPACK4_ASM=tl.constexpr(_unpack_asm(4)), _UNPACK2_ASM=tl.constexpr(_unpack_asm(2)),
+                     _DEQUANT_ASM=tl.constexpr(_DEQUANT_PTX))
 
     @triton.jit
     def _partial_kernel(
@@ -197,7 +257,7 @@ def _kernels():
         qk_scale, Hkv, split_offset, n_splits, cap,
         N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
-        KEY_TF32: tl.constexpr,
+        KIVI_ASM: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -235,15 +295,19 @@ def _kernels():
             DP: tl.constexpr = D * BITS // 8  # bytes per token
             NPL: tl.constexpr = 8 // BITS  # planes
             offs_p = tl.arange(0, DP)
-            q_dt = tl.float32 if KEY_TF32 else q.dtype
-            qf = q.to(tl.float32)
-            q0 = tl.load(q_base[:, None] + offs_p[None, :], mask=row_ok[:, None], other=0.0).to(q_dt)
-            q1 = tl.load(q_base[:, None] + DP + offs_p[None, :], mask=row_ok[:, None], other=0.0).to(q_dt)
+            q0 = tl.load(q_base[:, None] + offs_p[None, :], mask=row_ok[:, None], other=0.0)
+            q1 = tl.load(q_base[:, None] + DP + offs_p[None, :], mask=row_ok[:, None], other=0.0)
             acc0 = tl.zeros([M, DP], tl.float32)
             acc1 = tl.zeros([M, DP], tl.float32)
+            # Values of a bf16 cache (KIVI_ASM) load as [BLOCK_N, NGP, GV]: GV channels of a
+            # plane share one value group, so each token's (scale, zero) broadcasts along the
+            # last axis in registers; a reshape to [BLOCK_N, DP] then feeds the dot.
+            GV: tl.constexpr = G if G < DP else DP
+            NGP: tl.constexpr = DP // GV
+            offs_v3 = tl.arange(0, NGP)[None, :, None] * GV + tl.arange(0, GV)[None, None, :]  # [1, NGP, GV]
             if NPL == 4:
-                q2 = tl.load(q_base[:, None] + 2 * DP + offs_p[None, :], mask=row_ok[:, None], other=0.0).to(q_dt)
-                q3 = tl.load(q_base[:, None] + 3 * DP + offs_p[None, :], mask=row_ok[:, None], other=0.0).to(q_dt)
+                q2 = tl.load(q_base[:, None] + 2 * DP + offs_p[None, :], mask=row_ok[:, None], other=0.0)
+                q3 = tl.load(q_base[:, None] + 3 * DP + offs_p[None, :], mask=row_ok[:, None], other=0.0)
                 acc2 = tl.zeros([M, DP], tl.float32)
                 acc3 = tl.zeros([M, DP], tl.float32)
         ks_base = KS + b * sksb + h * sksh
@@ -268,14 +332,22 @@ def _kernels():
                 kb = tl.load(k_base + offs_n[None, :] * skn + offs_p[:, None], mask=ok_n[None, :], other=0)  # [DP, BLOCK_N]
                 ks_row = ks_base + (n0 // G) * sksn  # the tile's key group
                 kz_row = kz_base + (n0 // G) * sksn
-                s = _kivi_key_plane(q0, kb, ks_row, kz_row, 0, DP, BITS, KEY_TF32)
-                s += _kivi_key_plane(q1, kb, ks_row, kz_row, 1, DP, BITS, KEY_TF32)
-                if NPL == 4:
-                    s += _kivi_key_plane(q2, kb, ks_row, kz_row, 2, DP, BITS, KEY_TF32)
-                    s += _kivi_key_plane(q3, kb, ks_row, kz_row, 3, DP, BITS, KEY_TF32)
-                if KEY_TF32:  # zero points: bias q . k_zero, one per query row
-                    kz = tl.load(kz_row + offs_d).to(tl.float32)
-                    s += tl.sum(qf * kz[None, :], axis=1)[:, None]
+                if KIVI_ASM:
+                    if NPL == 2:
+                        f0, f1 = _unpack_planes(kb, BITS)
+                    else:
+                        f0, f1, f2, f3 = _unpack_planes(kb, BITS)
+                    s = tl.dot(q0, _kivi_key_plane_bf16(f0, ks_row, kz_row, 0, DP))
+                    s = tl.dot(q1, _kivi_key_plane_bf16(f1, ks_row, kz_row, 1, DP), s)
+                    if NPL == 4:
+                        s = tl.dot(q2, _kivi_key_plane_bf16(f2, ks_row, kz_row, 2, DP), s)
+                        s = tl.dot(q3, _kivi_key_plane_bf16(f3, ks_row, kz_row, 3, DP), s)
+                else:
+                    s = _kivi_key_plane(q0, kb, ks_row, kz_row, 0, DP, BITS)
+                    s += _kivi_key_plane(q1, kb, ks_row, kz_row, 1, DP, BITS)
+                    if NPL == 4:
+                        s += _kivi_key_plane(q2, kb, ks_row, kz_row, 2, DP, BITS)
+                        s += _kivi_key_plane(q3, kb, ks_row, kz_row, 3, DP, BITS)
             s = tl.where(ok_n[None, :], s * qk_scale, float("-inf"))
             # ---- online softmax (base 2); a fully masked row keeps m = -inf, p = 0 ----
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -293,19 +365,33 @@ def _kernels():
                 vsc = tl.load(vs_base + offs_n * svsn, mask=ok_n, other=0.0).to(tl.float32)
                 acc = acc * alpha[:, None] + tl.dot((p * vsc[None, :]).to(q.dtype), vt.to(q.dtype))
             else:
-                vb = tl.load(v_base + offs_n[:, None] * svn + offs_p[None, :], mask=ok_n[:, None], other=0)  # [BLOCK_N, DP]
                 vs_row = vs_base + offs_n * svsn  # [BLOCK_N]
                 vz_row = vz_base + offs_n * svsn
                 pq = p.to(q.dtype)
-                v0 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 0, DP, G, BITS, BLOCK_N).to(q.dtype)
-                acc0 = tl.dot(pq, v0, acc0 * alpha[:, None])
-                v1 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 1, DP, G, BITS, BLOCK_N).to(q.dtype)
-                acc1 = tl.dot(pq, v1, acc1 * alpha[:, None])
-                if NPL == 4:
-                    v2 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 2, DP, G, BITS, BLOCK_N).to(q.dtype)
-                    acc2 = tl.dot(pq, v2, acc2 * alpha[:, None])
-                    v3 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 3, DP, G, BITS, BLOCK_N).to(q.dtype)
-                    acc3 = tl.dot(pq, v3, acc3 * alpha[:, None])
+                if KIVI_ASM:
+                    vb3 = tl.load(v_base + offs_n[:, None, None] * svn + offs_v3, mask=ok_n[:, None, None], other=0)
+                    if NPL == 2:
+                        f0, f1 = _unpack_planes(vb3, BITS)
+                    else:
+                        f0, f1, f2, f3 = _unpack_planes(vb3, BITS)
+                    acc0 = tl.dot(pq, _kivi_value_plane_bf16(f0, vs_row, vz_row, ok_n, 0, DP, G, NGP, BLOCK_N), acc0 * alpha[:, None])
+                    acc1 = tl.dot(pq, _kivi_value_plane_bf16(f1, vs_row, vz_row, ok_n, 1, DP, G, NGP, BLOCK_N), acc1 * alpha[:, None])
+                    if NPL == 4:
+                        acc2 = tl.dot(pq, _kivi_value_plane_bf16(f2, vs_row, vz_row, ok_n, 2, DP, G, NGP, BLOCK_N),
+                                      acc2 * alpha[:, None])
+                        acc3 = tl.dot(pq, _kivi_value_plane_bf16(f3, vs_row, vz_row, ok_n, 3, DP, G, NGP, BLOCK_N),
+                                      acc3 * alpha[:, None])
+                else:
+                    vb = tl.load(v_base + offs_n[:, None] * svn + offs_p[None, :], mask=ok_n[:, None], other=0)  # [BLOCK_N, DP]
+                    v0 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 0, DP, G, BITS, BLOCK_N).to(q.dtype)
+                    acc0 = tl.dot(pq, v0, acc0 * alpha[:, None])
+                    v1 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 1, DP, G, BITS, BLOCK_N).to(q.dtype)
+                    acc1 = tl.dot(pq, v1, acc1 * alpha[:, None])
+                    if NPL == 4:
+                        v2 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 2, DP, G, BITS, BLOCK_N).to(q.dtype)
+                        acc2 = tl.dot(pq, v2, acc2 * alpha[:, None])
+                        v3 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 3, DP, G, BITS, BLOCK_N).to(q.dtype)
+                        acc3 = tl.dot(pq, v3, acc3 * alpha[:, None])
 
         # ---- partial result of this split: normalized out and log2-sum-exp ----
         has = l_i > 0
@@ -313,6 +399,9 @@ def _kernels():
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         sp = split_offset + split
         o_row = O + b * so_b + heads * so_h + sp * so_s  # [M]
+        # An empty split (past the current length) writes only its lse: the combine skips its out.
+        row_ok = row_ok & (start < end)
+        tl.store(LSE + b * sl_b + heads * sl_h + sp, lse, mask=offs_m < N_REP)
         if BITS >= 8:
             tl.store(o_row[:, None] + offs_d[None, :], acc * inv_l[:, None], mask=row_ok[:, None])
         else:  # plane i -> channels [i*DP, (i+1)*DP)
@@ -322,7 +411,6 @@ def _kernels():
             if NPL == 4:
                 tl.store(o_p + 2 * DP, acc2 * inv_l[:, None], mask=row_ok[:, None])
                 tl.store(o_p + 3 * DP, acc3 * inv_l[:, None], mask=row_ok[:, None])
-        tl.store(LSE + b * sl_b + heads * sl_h + sp, lse, mask=row_ok)
 
     @triton.jit
     def _combine_kernel(
@@ -334,12 +422,13 @@ def _kernels():
         hq = bh % Hq
         offs_s = tl.arange(0, S_PAD)
         offs_d = tl.arange(0, D)
-        ok = offs_s < S
-        lse = tl.load(LSE + bh * sl_bh + offs_s, mask=ok, other=float("-inf"))
+        lse = tl.load(LSE + bh * sl_bh + offs_s, mask=offs_s < S, other=float("-inf"))
         m = tl.max(lse, axis=0)
         m = tl.where(m == float("-inf"), 0.0, m)
         w = tl.exp2(lse - m)  # 0 for empty splits
-        o = tl.load(O + bh * so_bh + offs_s[:, None] * so_s + offs_d[None, :], mask=ok[:, None], other=0.0)
+        # An empty split's out was never written: not read (at short lengths most splits are empty).
+        o = tl.load(O + bh * so_bh + offs_s[:, None] * so_s + offs_d[None, :], mask=(lse > float("-inf"))[:, None],
+                    other=0.0)
         den = tl.sum(w, axis=0)
         out = tl.sum(o * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
         tl.store(OUT + b * sout_b + hq * sout_h + offs_d, out.to(OUT.dtype.element_ty))
@@ -366,12 +455,12 @@ def plan_splits(bh, capacities, block_ns, sm_count, waves=WAVES):
 
 def _decode_attention_triton(q, k, v, exact_len, exact_mask, bits, group_size,
                              k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, body_len, sm_scale,
-                             config=None, waves=WAVES, out=None, key_tf32=None):
+                             config=None, waves=WAVES, out=None, kivi_asm=None):
     """Launch: one partial kernel per segment into one buffer, then one combine.
 
     `config` overrides (BLOCK_N, num_warps, num_stages) for every segment (benchmark only);
-    `out` is written in place if given (tests pass a poisoned one); `key_tf32` overrides
-    KIVI_KEY_TF32. A KIVI tile never spans two key groups: its BLOCK_N is at most group_size.
+    `out` is written in place if given (tests pass a poisoned one); `kivi_asm` overrides
+    KIVI_ASM. A KIVI tile never spans two key groups: its BLOCK_N is at most group_size.
     """
     triton, partial_kernel, combine_kernel = _kernels()
     B, Hq, D = q.shape
@@ -419,16 +508,18 @@ def _decode_attention_triton(q, k, v, exact_len, exact_mask, bits, group_size,
             qk_scale, Hkv, offset, n_splits, cap,
             N_REP=n_rep, M=M, D=D, BITS=seg_bits, G=group_size if seg_bits in (4, 2) else 1,
             BLOCK_N=bn, HAS_LEN=LEN is not None, HAS_MASK=mask is not None,
-            KEY_TF32=bool(KIVI_KEY_TF32 if key_tf32 is None else key_tf32) and seg_bits in (4, 2),
+            KIVI_ASM=bool(KIVI_ASM if kivi_asm is None else kivi_asm) and seg_bits in (4, 2) and q.dtype == torch.bfloat16
+            and q.is_cuda,
             num_warps=w, num_stages=st,
         )
         offset += n_splits
     if out is None:
         out = torch.empty_like(q)
+    s_pad = triton.next_power_of_2(s_total)
     combine_kernel[(B * Hq,)](
         o_part, lse, o_part.stride(1), o_part.stride(2), lse.stride(1),
         out, out.stride(0), out.stride(1), Hq, s_total,
-        S_PAD=triton.next_power_of_2(s_total), D=D, num_warps=4,
+        S_PAD=s_pad, D=D, num_warps=min(16, max(4, s_pad * D // 2048)),  # <= 64 fp32 of the tile per thread
     )
     return out
 

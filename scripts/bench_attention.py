@@ -124,11 +124,11 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", "outputs"))
     p.add_argument("--cases", default="8x32768,1x1024,1x32768,1x131072", help="BxS list, comma separated")
     p.add_argument("--modes", default="bf16,int8,int4,int2,int4g128,int2g128")
-    p.add_argument("--kivi-key-tf32", type=int, choices=(0, 1), default=None,
-                   help="override decode_attention.KIVI_KEY_TF32 (KIVI keys in tf32 vs dequantized bf16)")
+    p.add_argument("--kivi-asm", type=int, choices=(0, 1), default=None,
+                   help="override decode_attention.KIVI_ASM (bf16 KIVI tiles through inline PTX vs the portable path)")
     args = p.parse_args()
-    if args.kivi_key_tf32 is not None:
-        da.KIVI_KEY_TF32 = bool(args.kivi_key_tf32)
+    if args.kivi_asm is not None:
+        da.KIVI_ASM = bool(args.kivi_asm)
     if not torch.cuda.is_available():
         sys.exit("bench_attention: needs a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
@@ -140,10 +140,10 @@ def main():
     result = {
         "command": " ".join(sys.argv), "commit": commit, "device": torch.cuda.get_device_name(),
         "torch": torch.__version__, "configs": {str(k): v for k, v in da.CONFIGS.items()}, "waves": da.WAVES,
-        "kivi_key_tf32": da.KIVI_KEY_TF32,
+        "kivi_asm": da.KIVI_ASM,
     }
-    out_path = os.path.join(args.out, "bench_attention.json" if args.kivi_key_tf32 is None
-                            else f"bench_attention_keytf32_{args.kivi_key_tf32}.json")
+    out_path = os.path.join(args.out, "bench_attention.json" if args.kivi_asm is None
+                            else f"bench_attention_asm_{args.kivi_asm}.json")
 
     def save():
         with open(out_path, "w") as f:

@@ -48,7 +48,8 @@ def _asymmetric(x32: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
     qmax = (1 << bits) - 1
     zero = lo.to(dtype)
     zero = torch.where(zero.float() > lo, _next_down(zero), zero)
-    scale = ((hi - zero.float()) / qmax).to(dtype)
+    # Times the fp32 reciprocal, as the int8 scale: the same rounding on every device.
+    scale = ((hi - zero.float()) * (1.0 / qmax)).to(dtype)
     scale = torch.where(zero.float() + scale.float() * qmax < hi, _next_up(scale), scale)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     codes = torch.round((x32 - zero.float()) / scale.float()).clamp_(0, qmax).to(torch.uint8)

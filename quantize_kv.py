@@ -7,6 +7,8 @@
             tokens stay exact), values asymmetric per token over groups of `group_size` channels;
             codes packed planar (kv_quant.pack_codes).
 The most recent tokens are always the exact ones: nothing is quantized before it leaves the window.
+A decode step on the GPU quantizes what leaves (a token, or a completed group) in the same
+ring_append kernel that writes the new token; prefill chunks and the CPU do it in evict() below.
 
 Body layout: token-indexed tensors are [B, H, (n_groups + 1) * G, X] (G = evict_block, the +1
 group is a trash group for masked writes); per-group key parameters are [B, H, n_groups + 1, D].
@@ -90,18 +92,14 @@ class QuantizedCache(SinkWindowCache):
         put_tokens(self.v_scale, vs)
         put_tokens(self.v_zero, vz)
 
-    def append_body(self, input_pos, bsz):
-        if self.bits != 8:  # KIVI groups are quantized in PyTorch (once per group of steps)
-            return super().append_body(input_pos, bsz)
-        return tuple(batch_rows(getattr(self, n), bsz) for n in ("k_codes", "k_scale", "v_codes", "v_scale"))
-
     # -- reads ----------------------------------------------------------------------------
     def body(self, bsz: int):
-        """The quantized body as decode_attention.QuantizedBody."""
-        kz = self.k_zero[:bsz] if self.bits != 8 else None
-        vz = self.v_zero[:bsz] if self.bits != 8 else None
-        return QuantizedBody(self.bits, self.evict_block if self.bits != 8 else 1,
-                             self.k_codes[:bsz], self.k_scale[:bsz], kz, self.v_codes[:bsz], self.v_scale[:bsz], vz)
+        """The quantized body as decode_attention.QuantizedBody (rows taken with batch_rows: a decode
+        step's ring_append writes through them)."""
+        kz = batch_rows(self.k_zero, bsz) if self.bits != 8 else None
+        vz = batch_rows(self.v_zero, bsz) if self.bits != 8 else None
+        return QuantizedBody(self.bits, self.evict_block, batch_rows(self.k_codes, bsz), batch_rows(self.k_scale, bsz), kz,
+                             batch_rows(self.v_codes, bsz), batch_rows(self.v_scale, bsz), vz)
 
     def dequantized_body(self, bsz: int, dtype):
         """[B, H, n_groups * G, D] keys and values (the trash block left out)."""

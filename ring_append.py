@@ -1,20 +1,22 @@
 """One decode step's write into a sink + ring cache (sink_window.py), as one kernel per layer.
 
 A decode step of compress_kv or quantize_kv writes the new token into its exact slot and, for
-int8 quantize_kv, first quantizes the token that leaves the window into the body. In PyTorch that
-is a gather, two absmax reductions and six scatters per layer, and inductor clones the ring
-buffer to keep the read of the leaving slot before the write that reuses it (the slot is the
-same one: the ring holds exactly `window` tokens when evict_block is 1). Here one program per
-(sequence, kv head) reads the leaving token, quantizes it, writes it to the body, then writes
-the new token. The call also returns what decode_attention needs to know about the ring after
-the write, so no layer computes it again: which exact slots hold a valid token, and how many
-tokens the body holds.
+quantize_kv, first quantizes into the body what leaves the window at this step: int8, the one
+token that leaves (evict_block 1); KIVI (bits 4/2, evict_block = group_size G), once every G
+steps, the group whose last token leaves. In PyTorch that is a gather, the reductions and the
+scatters per layer (KIVI: on every step, the write masked to a trash group), and inductor clones
+the ring buffer to keep the reads of the leaving slots before the write that reuses one of them
+(the ring holds window + G - 1 tokens, so the new token takes the slot of the oldest one). Here
+one program per (sequence, kv head) reads what leaves, quantizes it, writes it to the body, then
+writes the new token. The call also returns what decode_attention needs to know about the ring
+after the write, so no layer computes it again: which exact slots hold a valid token, and how
+many tokens the body holds.
 
 CUDA tensors go to the Triton kernel, CPU tensors to `ring_append_reference`, the same function
-in PyTorch (the test oracle). The quantization is kv_quant.quantize_symmetric_per_token's, bit
-for bit: absmax times the fp32 reciprocal of 127, IEEE division of the elements by the scale,
-round half to even, the scale nudged one ulp up when rounding it to the cache's dtype would leave
-the largest element out of range.
+in PyTorch (the test oracle). The quantization is kv_quant's, bit for bit: scales are a range
+times the fp32 reciprocal of qmax (no multiply-add contraction anywhere), the elements are
+divided by the scale with IEEE division and rounded half to even, and scales (zeros) rounded to
+the cache's dtype are nudged one ulp out when they would leave part of the range uncovered.
 """
 import functools
 from typing import Optional
@@ -48,26 +50,51 @@ def n_evicted(pos: torch.Tensor, sink: int, window: int, evict_block: int) -> to
 
 
 def ring_append_reference(pos, k, v, exact_k, exact_v, sink, window, evict_block,
-                          k_codes=None, k_scale=None, v_codes=None, v_scale=None):
+                          k_codes=None, k_scale=None, k_zero=None, v_codes=None, v_scale=None, v_zero=None, bits=8):
     """PyTorch definition (in place on the buffers). pos: [1]; k, v: [B, Hkv, D] (RoPE applied);
-    exact_k/v: [B, Hkv, sink + ring + 1, D]; body (int8, evict_block 1 only): codes [B, Hkv, L, D],
-    scales [B, Hkv, L, 1]. Returns (exact slot valid [N] bool, body length [1])."""
+    exact_k/v: [B, Hkv, sink + ring + 1, D]; the body, if any, laid out as in
+    decode_attention.QuantizedBody (zeros None for int8). Returns (exact slot valid [N] bool,
+    body length [1])."""
     p = pos.reshape(())
     ring = window + evict_block - 1
-    if k_codes is not None:
-        leaving = p - window  # the token that leaves the window at this step
-        slot = slot_of(leaving.clamp(min=sink), sink, ring)
-        row = (leaving - sink).clamp(min=0)
-        keep = (leaving >= sink).reshape(1, 1, 1)
-        for src, codes, scale in ((exact_k, k_codes, k_scale), (exact_v, v_codes, v_scale)):
-            c, s = kv_quant.quantize_symmetric_per_token(src[:, :, slot], scale.dtype)
-            codes[:, :, row] = torch.where(keep, c, codes[:, :, row])
-            scale[:, :, row] = torch.where(keep, s, scale[:, :, row])
+    if k_codes is not None and bits == 8:
+        _quantize_leaving_token(p, exact_k, exact_v, sink, window, ring, k_codes, k_scale, v_codes, v_scale)
+    elif k_codes is not None:
+        _quantize_completed_group(p, exact_k, exact_v, sink, window, evict_block, bits,
+                                  k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
     slot = slot_of(p, sink, ring)
     exact_k[:, :, slot] = k
     exact_v[:, :, slot] = v
     held = slot_positions(p, exact_k.shape[2], sink, window, evict_block)
     return held >= 0, n_evicted(pos, sink, window, evict_block)
+
+
+def _quantize_leaving_token(p, exact_k, exact_v, sink, window, ring, k_codes, k_scale, v_codes, v_scale):
+    """int8 (evict_block 1): the token leaving the window at this step, if any, into body row
+    leaving - sink."""
+    leaving = p - window
+    slot = slot_of(leaving.clamp(min=sink), sink, ring)
+    row = (leaving - sink).clamp(min=0)
+    keep = (leaving >= sink).reshape(1, 1, 1)
+    for src, codes, scale in ((exact_k, k_codes, k_scale), (exact_v, v_codes, v_scale)):
+        c, s = kv_quant.quantize_symmetric_per_token(src[:, :, slot], scale.dtype)
+        codes[:, :, row] = torch.where(keep, c, codes[:, :, row])
+        scale[:, :, row] = torch.where(keep, s, scale[:, :, row])
+
+
+def _quantize_completed_group(p, exact_k, exact_v, sink, window, g, bits, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero):
+    """KIVI (evict_block g): group j, once its last token leaves the window at this step, into body
+    rows j * g + [0, g) (key scale and zero: row j). quantize_kv.QuantizedCache.evict for one token."""
+    past = p - sink - window + 1  # non-sink tokens that have left the window
+    complete = (past >= g) & (torch.remainder(past, g) == 0)
+    j = (torch.div(past, g, rounding_mode="floor") - 1).clamp(min=0).reshape(1)
+    rows = j * g + torch.arange(g, device=p.device)  # [G]
+    slots = slot_of(sink + rows, sink, window + g - 1)  # the group's tokens, still in the ring
+    kc, ks, kz = kv_quant.quantize_asymmetric_per_channel(exact_k[:, :, slots], bits, k_scale.dtype)
+    vc, vs, vz = kv_quant.quantize_asymmetric_per_token_group(exact_v[:, :, slots], bits, g, v_scale.dtype)
+    for buf, idx, new in ((k_codes, rows, kv_quant.pack_codes(kc, bits)), (k_scale, j, ks), (k_zero, j, kz),
+                          (v_codes, rows, kv_quant.pack_codes(vc, bits)), (v_scale, rows, vs), (v_zero, rows, vz)):
+        buf[:, :, idx] = torch.where(complete, new, buf[:, :, idx])
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,21 +103,58 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
+    def _next_up(x, SCALE_BITS: tl.constexpr):
+        """torch.nextafter(x, inf) for x >= +0: one more in the bit pattern."""
+        return (x.to(tl.int16 if SCALE_BITS == 16 else tl.int32, bitcast=True) + 1).to(x.dtype, bitcast=True)
+
+    @triton.jit
+    def _next_down(x, SCALE_BITS: tl.constexpr):
+        """torch.nextafter(x, -inf) for finite x: toward zero if x > 0; otherwise away from it, as
+        from -0 (both zeros go to the smallest negative subnormal)."""
+        b = x.to(tl.int16 if SCALE_BITS == 16 else tl.int32, bitcast=True)
+        return tl.where(x > 0, b - 1, (b | -(1 << (SCALE_BITS - 1))) + 1).to(x.dtype, bitcast=True)
+
+    @triton.jit
+    def _asymmetric(x, lo, hi, DTYPE: tl.constexpr, BITS: tl.constexpr, SCALE_BITS: tl.constexpr):
+        """kv_quant._asymmetric: x, lo, hi fp32, broadcast alike -> (codes int32, scale, zero in DTYPE)."""
+        qmax = (1 << BITS) - 1
+        zero = lo.to(DTYPE)
+        zero = tl.where(zero.to(tl.float32) > lo, _next_down(zero, SCALE_BITS), zero)
+        scale = ((hi - zero.to(tl.float32)) * (1.0 / qmax)).to(DTYPE)
+        scale = tl.where(zero.to(tl.float32) + scale.to(tl.float32) * qmax < hi, _next_up(scale, SCALE_BITS), scale)
+        scale = tl.where(scale.to(tl.float32) == 0.0, 1.0, scale.to(tl.float32)).to(DTYPE)
+        # Round half to even: (x - zero) / scale is in [0, ~qmax], far inside the range where adding
+        # and taking away 1.5 * 2**23 leaves the fp32 adder to round it.
+        c = (tl.math.div_rn(x - zero.to(tl.float32), scale.to(tl.float32)) + 12582912.0) - 12582912.0
+        return tl.minimum(tl.maximum(c, 0.0), qmax).to(tl.int32), scale, zero
+
+    @triton.jit
+    def _pack(c, BITS: tl.constexpr):
+        """kv_quant.pack_codes: c [T, 8 // BITS, D * BITS / 8] (axis 1 the plane) -> uint8 [T, D * BITS / 8]."""
+        shift = tl.arange(0, 8 // BITS) * BITS
+        return tl.sum(c << shift[None, :, None], axis=1).to(tl.uint8)
+
+    # Triton resolves the helpers a kernel calls among the module's globals, not this closure.
+    globals().update(_next_up=_next_up, _next_down=_next_down, _asymmetric=_asymmetric, _pack=_pack)
+
+    @triton.jit
     def _ring_append_kernel(
         POS, K, skb, skh, V, svb, svh,  # new token [B, Hkv, D]
         EK, EV, seb, seh, sen,  # exact slots [B, Hkv, N, D] (k and v alike)
-        KC, VC, scb, sch, scn,  # int8 codes [B, Hkv, L, D] (k and v alike)
-        KS, VS, ssb, ssh, ssn,  # scales [B, Hkv, L, 1]
+        KC, VC, scb, sch, scn,  # codes [B, Hkv, L, D] int8 or [B, Hkv, L, D * BITS / 8] packed (k and v alike)
+        KS, KZ, kpb, kph, kpn,  # key scale [B, Hkv, L, 1] int8; key scale and zero [B, Hkv, L / G, D] KIVI
+        VS, VZ, vpb, vph, vpn,  # value scale [B, Hkv, L, 1] int8; value scale and zero [B, Hkv, L, D / G] KIVI
         VALID, BODY_LEN,
-        Hkv, N, sink, window, ring, evict_block,
-        D: tl.constexpr, HAS_BODY: tl.constexpr, SCALE_BITS: tl.constexpr, N_PAD: tl.constexpr,
+        Hkv, N, sink, window, ring,
+        D: tl.constexpr, G: tl.constexpr, HAS_BODY: tl.constexpr, BITS: tl.constexpr, SCALE_BITS: tl.constexpr,
+        N_PAD: tl.constexpr,
     ):
         bh = tl.program_id(0)
         b = bh // Hkv
         h = bh % Hkv
         pos = tl.load(POS)
         offs = tl.arange(0, D)
-        if HAS_BODY:
+        if HAS_BODY and BITS == 8:
             leaving = pos - window
             if leaving >= sink:
                 # kv_quant.quantize_symmetric_per_token of the leaving key row, then value row.
@@ -98,14 +162,11 @@ def _kernel():
                 row = leaving - sink
                 for i in tl.static_range(2):
                     x = tl.load((EK if i == 0 else EV) + src + offs).to(tl.float32)
-                    scale_ptr = (KS if i == 0 else VS) + b * ssb + h * ssh + row * ssn
+                    scale_ptr = (KS + b * kpb + h * kph + row * kpn) if i == 0 else (VS + b * vpb + h * vph + row * vpn)
                     absmax = tl.max(tl.abs(x), axis=0)
                     s = (absmax * (1.0 / 127.0)).to(scale_ptr.dtype.element_ty)  # 127: kv_quant.INT8_MAX
-                    if s.to(tl.float32) * 127.0 < absmax:  # one ulp up (s > 0 here)
-                        if SCALE_BITS == 16:
-                            s = (s.to(tl.int16, bitcast=True) + 1).to(scale_ptr.dtype.element_ty, bitcast=True)
-                        else:
-                            s = (s.to(tl.int32, bitcast=True) + 1).to(scale_ptr.dtype.element_ty, bitcast=True)
+                    if s.to(tl.float32) * 127.0 < absmax:
+                        s = _next_up(s, SCALE_BITS)
                     s = tl.where(s.to(tl.float32) == 0.0, 1.0, s.to(tl.float32)).to(scale_ptr.dtype.element_ty)
                     # Round half to even (torch.round): |x / s| <= 127.5, so adding and taking away
                     # 1.5 * 2**23 leaves the fp32 adder to round it.
@@ -113,14 +174,45 @@ def _kernel():
                     c = tl.minimum(tl.maximum(c, -127.0), 127.0)
                     tl.store((KC if i == 0 else VC) + b * scb + h * sch + row * scn + offs, c.to(tl.int8))
                     tl.store(scale_ptr, s)
-            tl.debug_barrier()  # every thread has read the leaving row before it is overwritten
+        if HAS_BODY and BITS != 8:
+            past = pos - sink - window + 1  # non-sink tokens that have left the window
+            if (past >= G) & (past % G == 0):
+                # Group j's last token leaves now: kv_quant's KIVI quantization of its G tokens.
+                j = past // G - 1
+                t = tl.arange(0, G)
+                src = b * seb + h * seh + (sink + (j * G + t) % ring) * sen  # [G] exact rows of the group
+                dst = b * scb + h * sch + (j * G + t) * scn  # [G] its body rows
+                W: tl.constexpr = D * BITS // 8  # packed bytes per token
+                byte = tl.arange(0, W)
+                # Keys, per channel over the group's tokens. Loaded as x[t, p, i] = channel p * W + i,
+                # the planes of kv_quant.pack_codes along axis 1.
+                ch = tl.arange(0, 8 // BITS)[:, None] * W + byte[None, :]  # [planes, W]
+                x = tl.load(EK + src[:, None, None] + ch[None, :, :]).to(tl.float32)  # [G, planes, W]
+                lo, hi = tl.min(x, axis=0, keep_dims=True), tl.max(x, axis=0, keep_dims=True)  # [1, planes, W]
+                c, s, z = _asymmetric(x, lo, hi, KS.dtype.element_ty, BITS, SCALE_BITS)
+                tl.store(KC + dst[:, None] + byte[None, :], _pack(c, BITS))
+                par = b * kpb + h * kph + j * kpn + ch[None, :, :]
+                tl.store(KS + par, s)
+                tl.store(KZ + par, z)
+                # Values, per token over groups of G channels: x[t, g, i] = channel g * G + i.
+                grp = tl.arange(0, D // G)
+                x = tl.load(EV + src[:, None, None] + (grp[:, None] * G + t[None, :])[None, :, :]).to(tl.float32)
+                lo, hi = tl.min(x, axis=2, keep_dims=True), tl.max(x, axis=2, keep_dims=True)  # [G, D / G, 1]
+                c, s, z = _asymmetric(x, lo, hi, VS.dtype.element_ty, BITS, SCALE_BITS)
+                c = tl.reshape(c, (G, 8 // BITS, W))  # channel order [G, D], split into planes
+                tl.store(VC + dst[:, None] + byte[None, :], _pack(c, BITS))
+                par = b * vpb + h * vph + (j * G + t)[:, None, None] * vpn + grp[None, :, None]
+                tl.store(VS + par, s)
+                tl.store(VZ + par, z)
+        if HAS_BODY:
+            tl.debug_barrier()  # every thread has read the leaving rows before one is overwritten
         slot = tl.where(pos < sink, pos, sink + (pos - sink) % ring)
         dst = b * seb + h * seh + slot * sen
         tl.store(EK + dst + offs, tl.load(K + b * skb + h * skh + offs))
         tl.store(EV + dst + offs, tl.load(V + b * svb + h * svh + offs))
         if bh == 0:
             past = tl.maximum(pos - sink - window + 1, 0)
-            evicted = (past // evict_block) * evict_block
+            evicted = (past // G) * G
             tl.store(BODY_LEN, evicted)
             j = tl.arange(0, N_PAD)
             held = tl.where(j < sink, j, pos - ((pos - j) % ring + ring) % ring)
@@ -130,56 +222,80 @@ def _kernel():
     return triton, _ring_append_kernel
 
 
-def _ring_append_triton(pos, k, v, exact_k, exact_v, sink, window, evict_block, k_codes, k_scale, v_codes, v_scale):
+def _ring_append_triton(pos, k, v, exact_k, exact_v, sink, window, evict_block,
+                        k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits):
     triton, kernel = _kernel()
     B, Hkv, N, D = exact_k.shape
     k, v = (x if x.stride(2) == 1 else x.contiguous() for x in (k, v))  # layouts inductor chose
     valid = torch.empty(N, dtype=torch.bool, device=k.device)
     body_len = torch.empty_like(pos)
     has_body = k_codes is not None
-    kc, vc, ks, vs = (k_codes, v_codes, k_scale, v_scale) if has_body else (exact_k, exact_v, exact_k, exact_v)
+    if not has_body:  # unused pointers
+        k_codes = k_scale = k_zero = v_codes = v_scale = v_zero = exact_k
+    elif bits == 8:
+        k_zero, v_zero = k_scale, v_scale
     kernel[(B * Hkv,)](
         pos, k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
         exact_k, exact_v, *exact_k.stride()[:3],
-        kc, vc, *kc.stride()[:3],
-        ks, vs, *ks.stride()[:3],
+        k_codes, v_codes, *k_codes.stride()[:3],
+        k_scale, k_zero, *k_scale.stride()[:3],
+        v_scale, v_zero, *v_scale.stride()[:3],
         valid.view(torch.uint8), body_len,
-        Hkv, N, sink, window, window + evict_block - 1, evict_block,
-        D=D, HAS_BODY=has_body, SCALE_BITS=ks.element_size() * 8, N_PAD=triton.next_power_of_2(N), num_warps=1,
+        Hkv, N, sink, window, window + evict_block - 1,
+        D=D, G=evict_block, HAS_BODY=has_body, BITS=bits, SCALE_BITS=k_scale.element_size() * 8,
+        N_PAD=triton.next_power_of_2(N),
+        num_warps=4 if has_body and bits != 8 else 1,  # a KIVI group is a [G, D] tile, int8 one row
+        # No multiply-add contraction: zero + scale * qmax must round twice, as in PyTorch.
+        enable_fp_fusion=False,
     )
     return valid, body_len
 
 
-@torch.library.custom_op("kvcache::ring_append", mutates_args=("exact_k", "exact_v", "k_codes", "k_scale", "v_codes", "v_scale"))
+@torch.library.custom_op(
+    "kvcache::ring_append", mutates_args=("exact_k", "exact_v", "k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"))
 def _ring_append_op(
     pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, exact_k: torch.Tensor, exact_v: torch.Tensor,
     sink: int, window: int, evict_block: int,
-    k_codes: Optional[torch.Tensor], k_scale: Optional[torch.Tensor],
-    v_codes: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
+    k_codes: Optional[torch.Tensor], k_scale: Optional[torch.Tensor], k_zero: Optional[torch.Tensor],
+    v_codes: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], v_zero: Optional[torch.Tensor], bits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     fn = _ring_append_triton if k.is_cuda else ring_append_reference
-    return fn(pos, k, v, exact_k, exact_v, sink, window, evict_block, k_codes, k_scale, v_codes, v_scale)
+    return fn(pos, k, v, exact_k, exact_v, sink, window, evict_block, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
 
 
 @_ring_append_op.register_fake
-def _(pos, k, v, exact_k, exact_v, sink, window, evict_block, k_codes, k_scale, v_codes, v_scale):
+def _(pos, k, v, exact_k, exact_v, sink, window, evict_block, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits):
     return exact_k.new_empty(exact_k.shape[2], dtype=torch.bool), torch.empty_like(pos)
 
 
 def ring_append(pos, k, v, exact_k, exact_v, sink, window, evict_block, body=None):
     """Write one new token per sequence (k, v [B, Hkv, D]) at position `pos` ([1], on the device)
-    into the exact slots; with body = (k_codes, k_scale, v_codes, v_scale) of an int8 cache, first
-    quantize the token leaving the window. Returns (valid [N] bool, body_len [1])."""
+    into the exact slots; with body (a decode_attention.QuantizedBody whose buffers it writes),
+    first quantize what leaves the window at this step: the leaving token (int8, evict_block 1) or
+    the group it completes (KIVI, evict_block = group_size). Returns (valid [N] bool, body_len [1])."""
     B, Hkv, N, D = exact_k.shape
     if k.shape != (B, Hkv, D) or v.shape != k.shape:
         raise ValueError(f"ring_append: k, v must be [{B}, {Hkv}, {D}], got {tuple(k.shape)}, {tuple(v.shape)}")
     if N != sink + window + evict_block:
         raise ValueError(f"ring_append: {N} exact slots, expected sink + ring + 1 = {sink + window + evict_block}")
-    if body is not None and evict_block != 1:
-        raise ValueError("ring_append: only an int8 body (evict_block 1) is quantized here")
+    if body is not None and evict_block != body.group_size:
+        raise ValueError(f"ring_append: evict_block {evict_block} must be the body's group size {body.group_size} "
+                         "(1 for int8: single tokens; KIVI evicts whole groups)")
     if k.is_cuda and (exact_k.stride(3) != 1 or exact_v.stride() != exact_k.stride() or D & (D - 1)):
         raise ValueError("ring_append: the kernel needs exact_k/v alike with contiguous rows, and a power-of-two head dim")
-    if k.is_cuda and body is not None and (body[0].stride() != body[2].stride() or body[1].stride() != body[3].stride()
-                                           or body[0].stride(3) != 1):
-        raise ValueError("ring_append: k and v codes (and scales) must have the same layout, rows contiguous")
-    return _ring_append_op(pos, k, v, exact_k, exact_v, sink, window, evict_block, *(body or (None,) * 4))
+    if k.is_cuda and body is not None and not _kernel_takes(body, D):
+        raise ValueError("ring_append: the kernel needs k and v codes alike, each scale like its zero, rows contiguous, "
+                         "and a KIVI group size that is a power of two dividing the head dim")
+    args = (None,) * 6 + (8,) if body is None else (
+        body.k_codes, body.k_scale, body.k_zero, body.v_codes, body.v_scale, body.v_zero, body.bits)
+    return _ring_append_op(pos, k, v, exact_k, exact_v, sink, window, evict_block, *args)
+
+
+def _kernel_takes(body, D: int) -> bool:
+    tensors = [t for t in body[2:] if t is not None]
+    alike = body.k_codes.stride() == body.v_codes.stride() and all(t.stride(3) == 1 for t in tensors)
+    if body.bits == 8:
+        return alike
+    g = body.group_size
+    return (alike and body.k_zero.stride() == body.k_scale.stride() and body.v_zero.stride() == body.v_scale.stride()
+            and g & (g - 1) == 0 and D % g == 0)

@@ -64,10 +64,9 @@ class SinkWindowCache(KVCache):
         bsz, _, t, _ = k.shape
         if use_decode_kernel(k):
             self._recent = None
-            body = self.append_body(input_pos, bsz)
             self._decode_validity = ring_append.ring_append(
                 input_pos, k[:, :, 0], v[:, :, 0], batch_rows(self.exact_k, bsz), batch_rows(self.exact_v, bsz),
-                self.sink_size, self.window_size, self.evict_block, body)
+                self.sink_size, self.window_size, self.evict_block, self.body(bsz))
             return
         if t == 1:
             # A decode step: the tokens leaving the window are still in their ring slots, and
@@ -90,13 +89,13 @@ class SinkWindowCache(KVCache):
         batch_rows(self.exact_v, bsz).index_copy_(2, slots, v)
 
     def evict(self, input_pos, bsz) -> None:
-        """Called before the new tokens are written; compress_kv drops, quantize_kv quantizes
-        (reading the leaving tokens with exact_tokens)."""
+        """PyTorch path: called before the new tokens are written; compress_kv drops, quantize_kv
+        quantizes (reading the leaving tokens with exact_tokens). A GPU decode step's ring_append
+        does it in its kernel."""
 
-    def append_body(self, input_pos, bsz):
-        """Before a ring_append: the int8 body (k_codes, k_scale, v_codes, v_scale) it quantizes the
-        leaving token into, or None once evict() has done what the kernel does not."""
-        self.evict(input_pos, bsz)
+    def body(self, bsz: int):
+        """The quantized body (decode_attention.QuantizedBody) that a decode step's ring_append
+        quantizes what leaves the window into; None when nothing is kept past it (compress_kv)."""
         return None
 
     def exact_tokens(self, pos: torch.Tensor, bsz: int):

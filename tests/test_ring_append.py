@@ -15,6 +15,7 @@ import kv_cache
 import quantize_kv
 import ring_append
 import sink_window
+from decode_attention import QuantizedBody
 from strategies import cache_factory
 from tests.test_caches import VOCAB, compress, quantize, run, tiny_model
 
@@ -25,29 +26,38 @@ def snapshot(cache):
     return {name: buf.clone() for name, buf in cache.named_buffers()}
 
 
-@pytest.mark.parametrize("settings", [compress(4, 8), quantize(4, 8, 8), quantize(3, 5, 8)], ids=["compress", "int8", "int8-s3w5"])
+REFERENCE_SETTINGS = {
+    "compress": compress(4, 8), "int8": quantize(4, 8, 8), "int8-s3w5": quantize(3, 5, 8),
+    "int4-g4": quantize(4, 8, 4, 4), "int4-s3w5-g8": quantize(3, 5, 4, 8), "int2-g8": quantize(4, 8, 2, 8),
+    "int2-g16": quantize(4, 8, 2, 16),
+}
+
+
+@pytest.mark.parametrize("settings", REFERENCE_SETTINGS.values(), ids=REFERENCE_SETTINGS.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reference_equals_cache_update(settings, dtype):
     """Each decode step, from the cache's real state: the reference's buffers and validity are the
-    PyTorch update's exactly."""
+    PyTorch update's exactly (through many completed KIVI groups and ring wraps)."""
     torch.manual_seed(0)
     model = tiny_model().to(dtype)
-    model.setup_caches(2, 64, cache_factory(settings))
+    model.setup_caches(2, 128, cache_factory(settings))
     cache = model.layers[0].attention.kv_cache
     h, d = cache.exact_k.shape[1], cache.exact_k.shape[3]
     cache.update(torch.arange(3), torch.randn(2, h, 3, d, dtype=dtype), torch.randn(2, h, 3, d, dtype=dtype))
-    for p in range(3, 60):
+    for p in range(3, 128):
         pos = torch.tensor([p])
         k, v = torch.randn(2, h, 1, d, dtype=dtype), torch.randn(2, h, 1, d, dtype=dtype)
         bufs = snapshot(cache)
         cache.update(pos, k, v)
         body = None
         if "k_codes" in bufs:
-            body = (bufs["k_codes"], bufs["k_scale"], bufs["v_codes"], bufs["v_scale"])
+            body = QuantizedBody(cache.bits, cache.evict_block, bufs["k_codes"], bufs["k_scale"], bufs.get("k_zero"),
+                                 bufs["v_codes"], bufs["v_scale"], bufs.get("v_zero"))
         valid, body_len = ring_append.ring_append(pos, k[:, :, 0], v[:, :, 0], bufs["exact_k"], bufs["exact_v"],
                                                   cache.sink_size, cache.window_size, cache.evict_block, body)
-        for name, buf in cache.named_buffers():  # the trash slot / group is never read
-            n = cache.trash_slot if name.startswith("exact") else cache.n_groups * cache.evict_block
+        for name, buf in cache.named_buffers():
+            # The trash slot / last group (of tokens, or of key parameter rows) is never read.
+            n = cache.trash_slot if name.startswith("exact") else buf.shape[2] // (cache.n_groups + 1) * cache.n_groups
             assert torch.equal(bufs[name][:, :, :n], buf[:, :, :n]), (p, name)
         assert torch.equal(valid, cache.exact_slot_positions(pos[0]) >= 0), p
         assert int(body_len) == int(cache.n_evicted(pos)), p
@@ -60,7 +70,8 @@ def use_kernel_path(monkeypatch):
         monkeypatch.setattr(module, "use_decode_kernel", lambda x: x.shape[2] == 1)
 
 
-@pytest.mark.parametrize("settings", [compress(4, 8), compress(4, 8, "original"), quantize(4, 8, 8), quantize(4, 8, 4)],
+@pytest.mark.parametrize("settings", [compress(4, 8), compress(4, 8, "original"), quantize(4, 8, 8), quantize(4, 8, 4),
+                                      quantize(4, 8, 2), quantize(3, 5, 2, 16)],
                          ids=lambda s: "-".join(map(str, s.values())))
 def test_kernel_path_equals_pytorch_path(settings, monkeypatch):
     """Tolerance: fp32 both ways; they differ in summation order only (fp32 einsum softmax vs
@@ -74,15 +85,15 @@ def test_kernel_path_equals_pytorch_path(settings, monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-def test_compiled_kernel_path_is_one_graph(monkeypatch):
+@pytest.mark.parametrize("settings", [quantize(4, 8, 8), quantize(4, 8, 4, 16)], ids=["int8", "int4"])
+def test_compiled_kernel_path_is_one_graph(settings, monkeypatch):
     """The mutating custom op compiles fullgraph, once, and the compiled steps match eager."""
     use_kernel_path(monkeypatch)
     model = tiny_model()
-    settings = quantize(4, 8, 8)
-    tokens = torch.randint(0, VOCAB, (1, 40))
-    want = run(model, tokens, settings, [4] + [1] * 36)
+    tokens = torch.randint(0, VOCAB, (1, 64))  # int4: three groups complete
+    want = run(model, tokens, settings, [4] + [1] * 60)
 
-    model.setup_caches(1, 40, cache_factory(settings))
+    model.setup_caches(1, 64, cache_factory(settings))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     step = torch.compile(lambda x, pos: model(x, pos), fullgraph=True)
@@ -90,43 +101,55 @@ def test_compiled_kernel_path_is_one_graph(monkeypatch):
     with torch.no_grad():
         got.append(model(tokens[:, :4], torch.arange(4)))
         pos = torch.tensor([4])
-        for p in range(4, 40):
+        for p in range(4, 64):
             got.append(step(tokens[:, p : p + 1], pos).clone())
             pos += 1
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-4, rtol=0)
 
 
+def random_body(bits, B, Hkv, L, D, G, dtype, device):
+    """A body of L tokens with random contents (what the kernel must leave alone is poisoned too)."""
+    if bits == 8:
+        codes = lambda: torch.randint(-127, 128, (B, Hkv, L, D), dtype=torch.int8, device=device)  # noqa: E731
+        return QuantizedBody(8, 1, codes(), torch.rand(B, Hkv, L, 1, device=device).to(dtype), None,
+                             codes(), torch.rand(B, Hkv, L, 1, device=device).to(dtype), None)
+    codes = lambda: torch.randint(0, 256, (B, Hkv, L, D * bits // 8), dtype=torch.uint8, device=device)  # noqa: E731
+    param = lambda n, x: torch.randn(B, Hkv, n, x, device=device).to(dtype)  # noqa: E731
+    return QuantizedBody(bits, G, codes(), param(L // G, D), param(L // G, D), codes(), param(L, D // G), param(L, D // G))
+
+
 @cuda
-@pytest.mark.parametrize("with_body", [True, False], ids=["int8", "exact-only"])
+@pytest.mark.parametrize("bits", [8, 4, 2, None], ids=["int8", "int4", "int2", "exact-only"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("B,Hkv,D,sink,window,evict_block", [(1, 8, 128, 4, 32, 1), (3, 2, 64, 16, 24, 1), (2, 4, 128, 4, 24, 32)])
-def test_triton_equals_reference(with_body, dtype, B, Hkv, D, sink, window, evict_block):
-    if with_body and evict_block != 1:
-        pytest.skip("the kernel quantizes int8 bodies only")
+@pytest.mark.parametrize("B,Hkv,D,sink,window,evict_block",
+                         [(1, 8, 128, 4, 32, 1), (3, 2, 64, 16, 24, 1), (2, 4, 128, 4, 24, 32), (3, 2, 64, 16, 24, 16)])
+def test_triton_equals_reference(bits, dtype, B, Hkv, D, sink, window, evict_block):
+    if bits is not None and (bits == 8) != (evict_block == 1):
+        pytest.skip("int8 evicts single tokens, KIVI groups of evict_block")
     torch.manual_seed(1)
     n = sink + window + evict_block
-    L = 400
-    bufs = {
-        "ek": torch.randn(B, Hkv, n, D, dtype=dtype, device="cuda") * 3,
-        "ev": torch.randn(B, Hkv, n, D, dtype=dtype, device="cuda"),
-        "kc": torch.randint(-127, 128, (B, Hkv, L, D), dtype=torch.int8, device="cuda"),
-        "ks": torch.rand(B, Hkv, L, 1, device="cuda").to(dtype),
-        "vc": torch.randint(-127, 128, (B, Hkv, L, D), dtype=torch.int8, device="cuda"),
-        "vs": torch.rand(B, Hkv, L, 1, device="cuda").to(dtype),
-    }
-    bufs["ek"][0, 0, sink + 1] = 0  # an all-zero row: scale 1, codes 0
-    for p in list(range(0, sink + window + 3)) + list(range(300, 300 + 3 * n, 7)):
+    ek = torch.randn(B, Hkv, n, D, dtype=dtype, device="cuda") * 3
+    ev = torch.randn(B, Hkv, n, D, dtype=dtype, device="cuda")
+    body = bits and random_body(bits, B, Hkv, 1024, D, evict_block, dtype, "cuda")
+    ek[0, 0, sink + 1] = 0  # an all-zero row: scale 1, codes 0
+    # Through the sink, the first evictions (KIVI: the first two groups), ring wraps, and later groups.
+    first = sink + window + evict_block - 1
+    positions = list(range(0, first + evict_block + 3)) + list(range(300, 300 + 3 * n, 7))
+    positions += [first + m * evict_block for m in range(3, 20)]
+    for p in positions:
         pos = torch.tensor([p], device="cuda")
         k = torch.randn(B, Hkv, D, dtype=dtype, device="cuda")
         v = torch.randn(B, Hkv, D, dtype=dtype, device="cuda")
-        ref = {n_: t.clone() for n_, t in bufs.items()}
-        body = (ref["kc"], ref["ks"], ref["vc"], ref["vs"]) if with_body else None
-        want = ring_append.ring_append_reference(pos, k, v, ref["ek"], ref["ev"], sink, window, evict_block, *(body or (None,) * 4))
-        body = (bufs["kc"], bufs["ks"], bufs["vc"], bufs["vs"]) if with_body else None
-        got = ring_append.ring_append(pos, k, v, bufs["ek"], bufs["ev"], sink, window, evict_block, body)
-        for name in bufs:
-            assert torch.equal(bufs[name], ref[name]), (p, name)
+        k[0, 0, 0] = v[0, 0, :evict_block] = 0  # keep a zero key channel and value group: scale 1, codes 0
+        ref_ek, ref_ev = ek.clone(), ev.clone()
+        ref_body = body and QuantizedBody(*body[:2], *(t if t is None else t.clone() for t in body[2:]))
+        args = (None,) * 6 + (8,) if body is None else (*ref_body[2:], bits)
+        want = ring_append.ring_append_reference(pos, k, v, ref_ek, ref_ev, sink, window, evict_block, *args)
+        got = ring_append.ring_append(pos, k, v, ek, ev, sink, window, evict_block, body)
+        assert torch.equal(ek, ref_ek) and torch.equal(ev, ref_ev), p
+        for name in QuantizedBody._fields[2:] if body else ():
+            assert getattr(body, name) is None or torch.equal(getattr(body, name), getattr(ref_body, name)), (p, name)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), p
 
 
@@ -137,16 +160,19 @@ def test_bad_arguments():
         ring_append.ring_append(torch.tensor([0]), k[:, :1], k[:, :1], ek, ek.clone(), 4, 8, 1)
     with pytest.raises(ValueError, match="exact slots"):
         ring_append.ring_append(torch.tensor([0]), k, k, ek, ek.clone(), 4, 9, 1)
-    with pytest.raises(ValueError, match="int8 body"):
-        ring_append.ring_append(torch.tensor([0]), k, k, torch.zeros(1, 2, 4 + 8 + 4, 16), torch.zeros(1, 2, 16, 16), 4, 8, 4,
-                                (None,) * 4)
+    ek4 = torch.zeros(1, 2, 4 + 8 + 4, 16)
+    for bits, group in ((8, 1), (4, 8)):
+        body = random_body(bits, 1, 2, 32, 16, group, torch.float32, "cpu")
+        with pytest.raises(ValueError, match=f"evict_block 4 must be the body's group size {group}"):
+            ring_append.ring_append(torch.tensor([0]), k, k, ek4, ek4.clone(), 4, 8, 4, body)
 
 
-def test_custom_op_registration():
+@pytest.mark.parametrize("bits,evict_block", [(8, 1), (4, 4), (2, 8)])
+def test_custom_op_registration(bits, evict_block):
     """The op declares what it mutates and has a fake (meta) implementation for torch.compile."""
     B, H, D, sink, window = 2, 2, 16, 4, 8
-    ek, ev = torch.randn(B, H, sink + window + 1, D), torch.randn(B, H, sink + window + 1, D)
-    body = (torch.zeros(B, H, 40, D, dtype=torch.int8), torch.ones(B, H, 40, 1),
-            torch.zeros(B, H, 40, D, dtype=torch.int8), torch.ones(B, H, 40, 1))
-    args = (torch.tensor([20]), torch.randn(B, H, D), torch.randn(B, H, D), ek, ev, sink, window, 1, *body)
+    n = sink + window + evict_block
+    ek, ev = torch.randn(B, H, n, D), torch.randn(B, H, n, D)
+    body = random_body(bits, B, H, 40, D, evict_block, torch.float32, "cpu")
+    args = (torch.tensor([27]), torch.randn(B, H, D), torch.randn(B, H, D), ek, ev, sink, window, evict_block, *body[2:], bits)
     torch.library.opcheck(torch.ops.kvcache.ring_append.default, args, test_utils=("test_schema", "test_faketensor"))

@@ -172,16 +172,18 @@ def generate(
     return {"tokens": torch.cat([prompt, *out], dim=1), "ttft_s": ttft, "decode_s": decode_s, "decode_tokens": len(out) - 1}
 
 
-def compiled_step(device: str, compile_decode: bool) -> Callable:
+def compiled_step(device: str, compile_decode: bool, batch_size: int) -> Callable:
     if not compile_decode:
         return decode_one_token
     if not device.startswith("cuda"):
         return torch.compile(decode_one_token, fullgraph=True)
     # CUDA graphs (what mode="reduce-overhead" sets) need a static step: the caches guarantee it.
-    # With coordinate-descent tuning inductor writes batch-1 matrix-vector products as tuned
-    # Triton reductions fused with the RMSNorm before them (and w1/w3 with SiLU): 10% faster
-    # than cuBLAS's GEMVs per decode step on an H100 (notes/kernel.md, session 3).
-    options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+    # At batch 1, coordinate-descent tuning makes inductor write the matrix-vector products as
+    # tuned Triton reductions fused with the RMSNorm before them (w1/w3 as one, w2 with the SiLU
+    # product): 10% faster than cuBLAS's GEMVs per step on an H100. Past batch 1 it cannot rewrite
+    # the GEMMs; it only doubled the compile time and re-tuned small kernels slower
+    # (notes/kernel.md, session 3).
+    options = {"triton.cudagraphs": True, "coordinate_descent_tuning": batch_size == 1}
     return torch.compile(decode_one_token, fullgraph=True, options=options)
 
 
@@ -300,7 +302,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     prompt = torch.tensor([ids] * args.batch_size, device=device)
     max_seq_length = len(ids) + args.max_new_tokens
     setup(model, settings, args.batch_size, max_seq_length)
-    step = compiled_step(device, args.compile)
+    step = compiled_step(device, args.compile, args.batch_size)
     prefill_fn = torch.compile(prefill, dynamic=True) if args.compile_prefill else prefill
     if args.compile or args.compile_prefill or args.profile:
         # Compilation, CUDA-graph recording and first-call costs (cuBLAS, Triton JIT) happen here,

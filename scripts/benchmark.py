@@ -182,7 +182,7 @@ def bench_config(model, batch, name, args, device, bandwidth) -> list[dict]:
     model.setup_caches(batch, max_seq, cache_factory(settings))
     fill_caches(model)
     kv_bytes = sum(c.nbytes() for c in model.caches())
-    step = compiled_step(device, args.compile)
+    step = compiled_step(device, args.compile, batch)
     x = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
     input_pos = torch.tensor([contexts[0]], device=device)
     t = time.perf_counter()

@@ -83,8 +83,13 @@ def init(device: str, timeout_s: float = 600) -> str:
     return device
 
 
-def shutdown() -> None:
+def shutdown(barrier: bool = False) -> None:
+    """Leave the process group. barrier (a clean exit): first wait for every rank, so that no rank
+    tears its connections down while a peer still has a collective in flight (gloo can then abort
+    the peer at exit: a rare SIGABRT, "terminate called without an active exception", in CI)."""
     if dist.is_available() and dist.is_initialized():
+        if barrier and world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -358,11 +358,9 @@ def main(argv=None) -> None:
     # status a moment later, so that torchrun (which stops every rank when one exits) lets rank 0 speak.
     fail = (lambda message: sys.exit(message)) if tp.is_main() else (lambda message: (time.sleep(2), sys.exit(1)))
     quiet = contextlib.nullcontext() if tp.is_main() else contextlib.redirect_stdout(open(os.devnull, "w"))
-    finished = False
     try:
         with quiet:
             run(args)
-        finished = True
     except UserError as e:
         fail(f"error: {e}")
     except torch.cuda.OutOfMemoryError:
@@ -376,7 +374,7 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     finally:
-        tp.shutdown(barrier=finished)
+        tp.shutdown()
 
 
 if __name__ == "__main__":

@@ -79,17 +79,17 @@ def init(device: str, timeout_s: float = 600) -> str:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     backend = "nccl" if device.startswith("cuda") else "gloo"
+    # Dynamo imported after the group exists holds references to it that destroy_process_group
+    # cannot drop (torch 2.13), and it is imported lazily (meta-device init, torch.compile). The
+    # group's gloo threads then outlive shutdown() and can abort the process at interpreter exit
+    # ("terminate called without an active exception") while freeing a collective's tensors.
+    import torch._dynamo  # noqa: F401
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return device
 
 
-def shutdown(barrier: bool = False) -> None:
-    """Leave the process group. barrier (a clean exit): first wait for every rank, so that no rank
-    tears its connections down while a peer still has a collective in flight (gloo can then abort
-    the peer at exit: a rare SIGABRT, "terminate called without an active exception", in CI)."""
+def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
-        if barrier and world_size() > 1:
-            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -155,7 +155,9 @@ def _row_parallel(linear: nn.Linear, world: int, r: int, device) -> None:
 
 
 def _all_reduce_output(module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
-    return funcol.all_reduce(output, "sum", dist.group.WORLD)
+    # By name, not the ProcessGroup: torch.compile would trace the group as an opaque object and
+    # keep it alive past shutdown() (the race that tp.init describes).
+    return funcol.all_reduce(output, "sum", module.tp_group_name)
 
 
 def shard(model: nn.Module, device=None, world: Optional[int] = None, r: Optional[int] = None) -> nn.Module:
@@ -183,8 +185,9 @@ def shard(model: nn.Module, device=None, world: Optional[int] = None, r: Optiona
         _row_parallel(ffn.w2, world, r, dev)
         attn.n_head //= world
         attn.n_local_heads //= world
-        attn.register_forward_hook(_all_reduce_output)
-        ffn.register_forward_hook(_all_reduce_output)
+        for module in (attn, ffn):
+            module.tp_group_name = dist.group.WORLD.group_name
+            module.register_forward_hook(_all_reduce_output)
     # Per-rank counts: setup_caches() sizes each rank's caches by c.n_local_heads. head_dim is
     # kept as it was (ModelArgs.__post_init__ would recompute it from the sharded n_head).
     c.n_head //= world

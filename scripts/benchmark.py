@@ -319,7 +319,7 @@ def main() -> None:
     if tp.is_main():
         plot(result["rows"], args.out.with_suffix(".png"))
         print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
-    tp.shutdown(barrier=True)
+    tp.shutdown()
 
 
 if __name__ == "__main__":

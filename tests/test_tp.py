@@ -81,6 +81,10 @@ def worker(checkpoints: list[Path], strategies: list[str], out: Path, compile_st
             result[(ckpt.parent.name, name)] = logits_trace(model, STRATEGIES[name], compile_step)
     torch.save(result, out / f"rank{tp.rank()}.pt")
     tp.shutdown()
+    # Threads of a group that outlives shutdown() race the interpreter's exit (tp.init says why).
+    left = [(t / "comm").read_text().strip() for t in Path("/proc/self/task").glob("*")]
+    if any("gloo" in name for name in left):
+        sys.exit(f"error: gloo threads outlived shutdown(): {left}")
 
 
 def write_random_checkpoint(folder: Path) -> Path:

@@ -45,6 +45,7 @@ def test_global_options_before_and_after_subcommand():
         (["quantize_kv", "--sink_size", "-4"], ["--sink_size must be positive"]),
         (["--max_new_tokens", "0"], ["--max_new_tokens must be positive"]),
         (["--device", "tpu"], ["unknown --device"]),
+        (["--profile", "/tmp"], ["--profile takes a name", "--profile /tmp/run1"]),
     ],
 )
 def test_bad_options(args, fragments):

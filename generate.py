@@ -228,16 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    from profiling import output_dir
-
     for name in ("max_new_tokens", "num_samples", "batch_size", "prefill_chunk"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.top_k is not None and args.top_k <= 0:
         raise UserError(f"--top_k must be positive, got {args.top_k}")
-    if args.profile is not None and (args.profile.endswith(("/", ".")) or (output_dir() / args.profile).is_dir()):
+    if args.profile is not None:
+        check_profile_name(args.profile)
+
+
+def check_profile_name(name: str) -> None:
+    from profiling import output_dir
+
+    if name.endswith(("/", ".")) or (output_dir() / name).is_dir():
         raise UserError(f"--profile takes a name for the files it writes (NAME.json, NAME.txt, ...), not a folder "
-                        f"('{args.profile}'); e.g. --profile {Path(args.profile.rstrip('/.') or 'outputs') / 'run1'}")
+                        f"('{name}'); e.g. --profile {Path(name.rstrip('/.') or 'outputs') / 'run1'}")
 
 
 def encode_prompt(args, tokenizer) -> list[int]:

@@ -18,11 +18,11 @@ from typing import Callable, Optional
 import torch
 
 import tp
+from default_model import DEFAULT_CHECKPOINT, prepare_default
 from kv_cache import full_cache_nbytes
 from model import ModelArgs, Transformer
 from strategies import add_strategy_options, cache_factory, check_settings, strategy_settings
 
-DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct/model.pth")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -49,8 +49,6 @@ def pick_dtype(precision: str, device: str) -> torch.dtype:
 
 def resolve_checkpoint(path: Optional[Path]) -> Path:
     if path is None:
-        from scripts.prepare_default import prepare_default
-
         try:
             return prepare_default(DEFAULT_CHECKPOINT)
         except RuntimeError as e:

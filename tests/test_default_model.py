@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from generate import decode_one_token, generate, load_model, prefill
-from scripts.prepare_default import DEFAULT_CHECKPOINT, GGUF_NAME, prepare_default
+from default_model import DEFAULT_CHECKPOINT, GGUF_NAME, prepare_default
 from strategies import cache_factory
 from tokenizer import get_tokenizer
 

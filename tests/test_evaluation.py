@@ -130,13 +130,8 @@ def test_cache_nbytes_matches_the_caches():
 
 
 # -- the sweep, end to end ------------------------------------------------------------------------
-DEFAULT = Path("checkpoints/SmolLM2-135M-Instruct/model.pth")
-
-
 @pytest.mark.slow
-def test_quick_sweep_writes_results_and_resumes(tmp_path):
-    if not DEFAULT.exists():
-        pytest.skip("default model missing; run `python -m scripts.prepare_default`")
+def test_quick_sweep_writes_results_and_resumes(tmp_path, default_checkpoint):
     from scripts.evaluate import main
 
     out = tmp_path / "eval.json"

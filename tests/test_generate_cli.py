@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from generate import build_parser
-from scripts.prepare_default import DEFAULT_CHECKPOINT, prepare_default
+from default_model import DEFAULT_CHECKPOINT, prepare_default
 
 ROOT = Path(__file__).resolve().parents[1]
 

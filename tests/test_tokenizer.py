@@ -12,10 +12,10 @@ from pathlib import Path
 import pydoc_data.topics
 import pytest
 
+from default_model import DEFAULT_CHECKPOINT, GGUF_NAME
 from tokenizer import SentencePieceTokenizer, TiktokenTokenizer, chat_prompt, get_tokenizer
 
-DEFAULT_DIR = Path("checkpoints/SmolLM2-135M-Instruct")
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DIR = DEFAULT_CHECKPOINT.parent
 EVAL_TEXT = "\n\n".join(pydoc_data.topics.topics.values())
 
 SAMPLES = [
@@ -31,19 +31,15 @@ SAMPLES = [
 
 
 @pytest.fixture(scope="module")
-def smol():
-    if not (DEFAULT_DIR / GGUF_NAME).exists():
-        pytest.skip("default model missing; run `python -m scripts.prepare_default`")
+def smol(default_checkpoint):
     return get_tokenizer(DEFAULT_DIR)
 
 
 @pytest.fixture(scope="module")
-def hf_smol():
+def hf_smol(default_checkpoint):
     transformers = pytest.importorskip("transformers")
     from tokenizers import pre_tokenizers
 
-    if not (DEFAULT_DIR / GGUF_NAME).exists():
-        pytest.skip("default model missing; run `python -m scripts.prepare_default`")
     hf = transformers.AutoTokenizer.from_pretrained(DEFAULT_DIR, gguf_file=GGUF_NAME)
     hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]

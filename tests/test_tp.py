@@ -146,7 +146,7 @@ def test_compiled_step_traces_the_all_reduces(tiny, tmp_path):
 def test_three_ranks_generate_what_one_rank_does():
     """The default model (9 heads, 3 KV heads, intermediate 1536) over 3 ranks: same greedy text,
     same KV-cache size in the stats line (the total over ranks), printed once."""
-    from scripts.prepare_default import prepare_default
+    from default_model import prepare_default
 
     prepare_default()
     args = ["generate.py", "--temperature", "0", "--max_new_tokens", "20", "--prompt", "The three primary colors are"]
@@ -178,7 +178,7 @@ def test_a_rank_dies_mid_run(tmp_path, how):
     """A rank killed (or frozen) mid-generation: the others stop with a one-line error within the
     collective timeout instead of hanging. Ranks started as srun would start them, without torchrun
     (which would stop the survivors itself)."""
-    from scripts.prepare_default import prepare_default
+    from default_model import prepare_default
 
     prepare_default()
     timeout = 10

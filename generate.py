@@ -9,19 +9,23 @@ embedded default model (SmolLM2-135M-Instruct) is prepared on first use.
 """
 import argparse
 import contextlib
+import math
 import os
+import pickle
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 import tp
-from default_model import DEFAULT_CHECKPOINT, prepare_default
+from default_model import DEFAULT_CHECKPOINT, DefaultModelUnavailable, prepare_default
 from kv_cache import full_cache_nbytes
 from model import ModelArgs, Transformer
-from strategies import add_strategy_options, cache_factory, check_settings, strategy_settings
+from strategies import STRATEGIES, cache_factory, check_settings, strategy_settings
+from tokenizer import CheckpointFileError, make_command
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -51,8 +55,10 @@ def resolve_checkpoint(path: Optional[Path]) -> Path:
     if path is None:
         try:
             return prepare_default(DEFAULT_CHECKPOINT)
-        except RuntimeError as e:
+        except DefaultModelUnavailable as e:
             raise UserError(f"could not prepare the default model: {e}")
+        except CheckpointFileError as e:
+            raise UserError(str(e))
     if path.is_dir():
         path = path / "model.pth"
     if not path.exists():
@@ -69,16 +75,12 @@ def load_model(checkpoint: Path, device: str, dtype: torch.dtype, model_name: Op
         raise UserError(f"{e} (the checkpoint folder's name picks the preset; pass --model_name)")
     with torch.device("meta"):
         model = Transformer(config)
-    try:
-        state = torch.load(checkpoint, mmap=True, weights_only=True, map_location="cpu")
-    except Exception as e:  # a truncated or foreign file: pickle / zip errors of many kinds
-        raise UserError(f"{checkpoint} could not be read ({type(e).__name__}: {str(e)[:150]}); delete it and re-create it")
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"{checkpoint} does not fit preset '{model_name or checkpoint.parent.name}' ({first[:200]}); "
-                        f"pass the right --model_name or re-create it with the conversion script")
+    state = read_state_dict(checkpoint)
+    mismatch = state_dict_mismatch(model, state)
+    if mismatch:
+        raise UserError(f"{checkpoint} does not fit preset '{model_name or checkpoint.parent.name}' ({mismatch}); "
+                        f"pass the right --model_name, or re-create the checkpoint with `{make_command(checkpoint.parent)}`")
+    model.load_state_dict(state, assign=True)
     if tp.world_size() > 1:  # each rank copies only its slices out of the memory-mapped file
         try:
             tp.shard(model, device)
@@ -87,12 +89,50 @@ def load_model(checkpoint: Path, device: str, dtype: torch.dtype, model_name: Op
     return model.to(device=device, dtype=dtype).eval()
 
 
+def read_state_dict(checkpoint: Path) -> dict:
+    """The memory-mapped state dict; a damaged or foreign file is a UserError that says how to
+    re-create it (only the errors a bad file raises are caught: anything else is a bug)."""
+    damaged = (f"{checkpoint} is damaged or not a PyTorch checkpoint ({{}}); delete it and re-create it with "
+               f"`{make_command(checkpoint.parent)}`")
+    # torch.load's errors on a truncated file are obscure ("mmap can only be used with ..."); a
+    # checkpoint is a zip archive whose directory sits at the end, so truncation shows here first.
+    if not zipfile.is_zipfile(checkpoint):
+        raise UserError(damaged.format("not a complete zip archive: truncated?"))
+    try:
+        return torch.load(checkpoint, mmap=True, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise UserError(damaged.format(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120]}"))
+    except RuntimeError as e:
+        if "PytorchStreamReader" not in str(e):  # the zip reader's damaged-archive errors
+            raise
+        raise UserError(damaged.format(str(e).strip().splitlines()[0][:120]))
+
+
+def state_dict_mismatch(model: Transformer, state: dict) -> Optional[str]:
+    """The first difference between the checkpoint's tensors and the model's, in words; None if
+    they fit."""
+    expected = model.state_dict()
+    for k, want in expected.items():
+        got = state.get(k)
+        if got is not None and not isinstance(got, torch.Tensor):
+            return f"{k} is a {type(got).__name__}, not a tensor"
+        if got is not None and got.shape != want.shape:
+            return f"{k} is {list(got.shape)} in the file, {list(want.shape)} in the preset"
+    missing = [k for k in expected if k not in state]
+    if missing:
+        return f"no tensor {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        return f"unexpected tensor {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
+    return None
+
+
 def load_tokenizer(checkpoint: Path):
     from tokenizer import get_tokenizer
 
     try:
         return get_tokenizer(checkpoint.parent)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointFileError) as e:
         raise UserError(str(e))
 
 
@@ -190,37 +230,60 @@ def add_global_options(p: argparse.ArgumentParser, suppress: bool = False) -> No
     """The same options on the main parser and on each subcommand, so they work on either side.
     On subcommands the defaults are suppressed so they never overwrite what came before."""
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
-    p.add_argument("--checkpoint_path", type=Path, default=d(None), help="model.pth (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--checkpoint_path", type=Path, default=d(None),
+                   help="model.pth, or its folder (default: the embedded SmolLM2-135M-Instruct, prepared on first use)")
     p.add_argument("--model_name", default=d(None), help="preset name when the checkpoint folder's name does not say it")
     p.add_argument("--prompt", default=d("Once upon a time,"), help="input text")
-    p.add_argument("--prompt_file", type=Path, default=d(None), help="read the prompt from a file")
+    p.add_argument("--prompt_file", type=Path, default=d(None), help="read the prompt from a UTF-8 text file")
     p.add_argument("--chat", action="store_true", default=d(False), help="apply the model's chat template (instruct models)")
-    p.add_argument("--max_new_tokens", type=int, default=d(200))
-    p.add_argument("--num_samples", type=int, default=d(1))
-    p.add_argument("--batch_size", type=int, default=d(1))
-    p.add_argument("--temperature", type=float, default=d(0.8), help="0 for greedy")
-    p.add_argument("--top_k", type=int, default=d(200))
-    p.add_argument("--seed", type=int, default=d(1234))
-    p.add_argument("--device", default=d(None), help="cuda when available, else cpu")
+    p.add_argument("--max_new_tokens", type=int, default=d(200), help="tokens to generate (fewer if the model ends its text)")
+    p.add_argument("--num_samples", type=int, default=d(1), help="generations in a row, each with its stats line")
+    p.add_argument("--batch_size", type=int, default=d(1), help="copies of the prompt decoded together")
+    p.add_argument("--temperature", type=float, default=d(0.8), help="sampling temperature; 0 for greedy")
+    p.add_argument("--top_k", type=int, default=d(200), help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=d(1234), help="random seed of the sampling")
+    p.add_argument("--device", default=d(None), help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--precision", choices=["auto", *PRECISIONS], default=d("auto"), help="auto: bf16 on cuda, fp32 on cpu")
     p.add_argument("--compile", action="store_true", default=d(False), help="torch.compile the decode step (CUDA graphs on GPU)")
     p.add_argument("--compile_prefill", action="store_true", default=d(False), help="torch.compile prefill too (dynamic shapes)")
     p.add_argument("--prefill_chunk", type=int, default=d(512), help="prompt tokens per prefill forward")
-    p.add_argument("--profile", default=d(None), metavar="NAME", help="run under torch.profiler; writes outputs/NAME.*")
+    p.add_argument("--profile", default=d(None), metavar="NAME",
+                   help="run under torch.profiler; writes outputs/NAME.* (NAME may name a subfolder of outputs/)")
+    p.add_argument("--profile_steps", type=int, default=d(4), help="with --profile: decode steps recorded after the prefill")
+    p.add_argument("--profile_detail", action="store_true", default=d(False),
+                   help="with --profile: also record input shapes, memory, stacks and FLOPs (and the CUDA allocator's "
+                        "history): a trace about 3x larger and slower to write")
     p.add_argument("--overwrite", action="store_true", default=d(False), help="let --profile replace existing outputs")
     p.add_argument("--dist_timeout", type=float, default=d(600),
                    help="under torchrun: seconds a collective may wait for the other ranks before failing")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each option's default after its help (unless the
+    help already says it, or there is none to show: a flag, or an option that is off when unset)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """A mistake on the command line is one `error:` line (argparse prints its usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=HelpFormatter)
     add_global_options(parser)
-    subs = parser.add_subparsers(dest="strategy", metavar="{compress_kv,quantize_kv}",
-                                 help="KV-cache strategy (default: the full bf16 cache)")
-    for name, help_text in (("compress_kv", "keep sink + sliding window, drop the middle (StreamingLLM)"),
-                            ("quantize_kv", "keep sink + window exact, quantize older tokens")):
-        sub = subs.add_parser(name, help=help_text)
-        add_strategy_options(sub, name)
+    subs = parser.add_subparsers(dest="strategy", metavar="{" + ",".join(STRATEGIES) + "}",
+                                 help="KV-cache strategy (default: full); `STRATEGY --help` lists its options")
+    for name, strategy in STRATEGIES.items():
+        sub = subs.add_parser(name, help=strategy.help, description=strategy.help, formatter_class=HelpFormatter)
+        strategy.add_options(sub)
         add_global_options(sub, suppress=True)
     return parser
 
@@ -231,25 +294,21 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.top_k is not None and args.top_k <= 0:
         raise UserError(f"--top_k must be positive, got {args.top_k}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be a number >= 0 (0 for greedy), got {args.temperature}")
     if args.profile is not None:
-        check_profile_name(args.profile)
+        from profiling import check_profile_name
+
+        if args.profile_steps <= 0:
+            raise UserError(f"--profile_steps must be positive, got {args.profile_steps}")
+        try:
+            check_profile_name(args.profile)
+        except ValueError as e:
+            raise UserError(str(e))
 
 
-def check_profile_name(name: str) -> None:
-    from profiling import output_dir
-
-    if name.endswith(("/", ".")) or (output_dir() / name).is_dir():
-        raise UserError(f"--profile takes a name for the files it writes (NAME.json, NAME.txt, ...), not a folder "
-                        f"('{name}'); e.g. --profile {Path(name.rstrip('/.') or 'outputs') / 'run1'}")
-
-
-def encode_prompt(args, tokenizer) -> list[int]:
-    text = args.prompt
-    if args.prompt_file is not None:
-        if not args.prompt_file.exists():
-            raise UserError(f"--prompt_file {args.prompt_file} not found")
-        text = args.prompt_file.read_text()
-    if args.chat:
+def encode_prompt(text: str, chat: bool, tokenizer) -> list[int]:
+    if chat:
         from tokenizer import chat_prompt
 
         try:
@@ -257,6 +316,19 @@ def encode_prompt(args, tokenizer) -> list[int]:
         except ValueError as e:
             raise UserError(str(e))
     return tokenizer.encode(text, bos=tokenizer.add_bos)
+
+
+def read_prompt_file(path: Path) -> str:
+    if not path.exists():
+        raise UserError(f"--prompt_file {path} not found")
+    if not path.is_file():
+        raise UserError(f"--prompt_file {path} is not a file; give the path of a text file")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--prompt_file {path} is not UTF-8 text (a binary file?); give a text file")
+    except OSError as e:
+        raise UserError(f"--prompt_file {path} could not be read ({e.strerror})")
 
 
 def setup(model: Transformer, settings: dict, batch_size: int, max_seq_length: int) -> None:
@@ -272,27 +344,34 @@ def setup(model: Transformer, settings: dict, batch_size: int, max_seq_length: i
     model.setup_caches(batch_size, max_seq_length, cache_factory(settings))
 
 
-def kv_stats(model: Transformer, batch_size: int, n_tokens: int) -> dict:
-    """Bytes the caches hold vs a full cache of the same length in bf16 (fp32 on a CPU run, so
-    the ratio measures the strategy, not the precision)."""
+def kv_stats(model: Transformer, batch_size: int, allocated_tokens: int) -> dict:
+    """Bytes the caches hold, and their ratio to a full cache allocated for the same number of
+    tokens, in bf16 (fp32 on a CPU run, so the ratio measures the strategy, not the precision)."""
     c = model.config
     device = model.tok_embeddings.weight.device
     held = tp.sum_over_ranks(sum(cache.nbytes() for cache in model.caches()), device)  # all ranks' shards
     dtype = torch.float32 if model.tok_embeddings.weight.dtype == torch.float32 else torch.bfloat16
     n_kv_heads = c.n_local_heads * getattr(model, "tp_world_size", 1)
-    full = full_cache_nbytes(batch_size, n_tokens, n_kv_heads, c.head_dim, c.n_layer, dtype)
-    return {"kv_bytes": held, "kv_bytes_full": full, "kv_full_dtype": str(dtype).removeprefix("torch."), "kv_ratio": held / full}
+    full = full_cache_nbytes(batch_size, allocated_tokens, n_kv_heads, c.head_dim, c.n_layer, dtype)
+    return {"kv_bytes": held, "kv_bytes_full": full, "kv_full_dtype": str(dtype).removeprefix("torch."),
+            "kv_allocated_tokens": allocated_tokens, "kv_ratio": held / full}
 
 
 def format_stats(r: dict) -> str:
     mem = f", peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB" if r.get("peak_memory_bytes") else ""
     return (f"time to first token {r['ttft_s'] * 1000:.1f} ms, decode {r['tokens_per_s']:.1f} tokens/s "
-            f"({r['decode_tokens']} tokens x batch {r['batch_size']}), KV cache {r['kv_bytes'] / 2**20:.2f} MiB = "
-            f"{r['kv_ratio']:.2f}x a full {r['kv_full_dtype']} cache of {r['n_tokens']} tokens{mem}")
+            f"({r['decode_tokens']} tokens x batch {r['batch_size']}), KV cache {r['kv_bytes'] / 2**20:.2f} MiB held "
+            f"for {r['kv_allocated_tokens']} tokens (prompt + --max_new_tokens) = {r['kv_ratio']:.2f}x a full "
+            f"{r['kv_full_dtype']} cache of that length{mem}")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     check_args(args)
+    try:
+        settings = strategy_settings(args)
+    except ValueError as e:
+        raise UserError(str(e))
+    text = args.prompt if args.prompt_file is None else read_prompt_file(args.prompt_file)
     device = pick_device(args.device)
     try:
         device = tp.init(device, args.dist_timeout)  # under torchrun/srun: join the group, cuda:LOCAL_RANK
@@ -302,9 +381,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     checkpoint = resolve_checkpoint(args.checkpoint_path)
     model = load_model(checkpoint, device, dtype, args.model_name)
     tokenizer = load_tokenizer(checkpoint)
-    settings = strategy_settings(args)
 
-    ids = encode_prompt(args, tokenizer)
+    ids = encode_prompt(text, args.chat, tokenizer)
     if not ids:
         raise UserError("the prompt is empty; pass --prompt TEXT")
     prompt = torch.tensor([ids] * args.batch_size, device=device)
@@ -327,30 +405,33 @@ def run(args: argparse.Namespace) -> list[dict]:
         if stream is not None and not args.chat:
             print(tokenizer.decode(ids), end="", flush=True)
 
-        def show(tok):
-            if stream is not None and int(tok[0, 0]) not in tokenizer.eos_ids:
-                print(stream.push(int(tok[0, 0])), end="", flush=True)
-
         profiler = contextlib.nullcontext()
         if args.profile and i == args.num_samples - 1:
             from profiling import profile_run
 
             name = args.profile if tp.world_size() == 1 else f"{args.profile}_rank{tp.rank()}"
-            profiler = profile_run(name, quiet=not tp.is_main(), overwrite=args.overwrite, device=device, model=model, settings=settings)
-        with torch.no_grad(), profiler:
+            profiler = profile_run(name, steps=args.profile_steps, detail=args.profile_detail, quiet=not tp.is_main(),
+                                   overwrite=args.overwrite, device=device, model=model, settings=settings)
+        with torch.no_grad(), profiler as recorder:
+
+            def on_token(tok):
+                if stream is not None and int(tok[0, 0]) not in tokenizer.eos_ids:
+                    print(stream.push(int(tok[0, 0])), end="", flush=True)
+                if recorder is not None:  # the profiler records prefill + the first --profile_steps steps
+                    recorder.step()
+
             r = generate(model, prompt, args.max_new_tokens, step, args.temperature, args.top_k,
-                         args.prefill_chunk, prefill_fn, frozenset(tokenizer.eos_ids), show)
-        if stream is not None:
-            print(stream.flush())
-        else:
+                         args.prefill_chunk, prefill_fn, frozenset(tokenizer.eos_ids), on_token)
+            if stream is not None:  # the text's last line ends before the profiler says anything
+                print(stream.flush())
+        if stream is None:
             for row in r["tokens"].tolist():
                 print(tokenizer.decode(row))
                 print("-" * 40)
-        n_tokens = r["tokens"].shape[1]
         stats = {
-            "sample": i, "batch_size": args.batch_size, "n_tokens": n_tokens, "ttft_s": r["ttft_s"],
+            "sample": i, "batch_size": args.batch_size, "n_tokens": r["tokens"].shape[1], "ttft_s": r["ttft_s"],
             "decode_tokens": r["decode_tokens"], "tokens_per_s": r["decode_tokens"] * args.batch_size / max(r["decode_s"], 1e-9),
-            **kv_stats(model, args.batch_size, n_tokens),
+            **kv_stats(model, args.batch_size, max_seq_length),
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
             **settings,
         }

@@ -1,12 +1,16 @@
-"""The cache strategies by name, their options, and the factory setup_caches() calls per layer."""
+"""The cache strategies by name: their command-line options, their checks, and the factory that
+setup_caches() calls per layer. generate.py builds one subcommand per entry of STRATEGIES, so a new
+strategy is its cache module plus one entry here."""
 import argparse
+import dataclasses
 import functools
+from typing import Callable
 
 from compress_kv import ROPE_MODES, CompressedCache
 from kv_cache import FullCache
 from quantize_kv import BITS, QuantizedCache
 
-STRATEGIES = ("full", "compress_kv", "quantize_kv")
+KIVI_GROUP_DEFAULT = 32
 
 
 def _positive(name: str):
@@ -22,24 +26,57 @@ def _positive(name: str):
     return parse
 
 
-def add_strategy_options(sub: argparse.ArgumentParser, strategy: str) -> None:
-    sub.add_argument("--sink_size", type=_positive("--sink_size"), default=16, help="first tokens kept forever (default 16)")
-    sub.add_argument("--window_size", type=_positive("--window_size"), default=32, help="most recent tokens kept exact (default 32)")
-    if strategy == "compress_kv":
-        sub.add_argument("--rope", choices=ROPE_MODES, default="streaming",
-                         help="streaming: positions by order in the cache (StreamingLLM); original: absolute positions")
-    else:
-        sub.add_argument("--bits", type=int, choices=BITS, default=8, help="8: int8 per token; 4/2: KIVI-style (default 8)")
-        sub.add_argument("--group_size", type=_positive("--group_size"), default=32,
-                         help="KIVI group: tokens per key group, channels per value group (bits 4/2; default 32)")
+def _sink_and_window(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--sink_size", type=_positive("--sink_size"), default=16, help="first tokens kept forever")
+    sub.add_argument("--window_size", type=_positive("--window_size"), default=32, help="most recent tokens kept exact")
+
+
+def _compress_options(sub: argparse.ArgumentParser) -> None:
+    _sink_and_window(sub)
+    sub.add_argument("--rope", choices=ROPE_MODES, default="streaming",
+                     help="streaming: positions by order in the cache (StreamingLLM); original: absolute positions")
+
+
+def _quantize_options(sub: argparse.ArgumentParser) -> None:
+    _sink_and_window(sub)
+    sub.add_argument("--bits", type=int, choices=BITS, default=8,
+                     help="8: int8, one scale per token and head; 4/2: KIVI (keys per channel, values per token)")
+    # No default here: --bits 8 has no groups, and a group given with it is a mistake to report.
+    sub.add_argument("--group_size", type=_positive("--group_size"), default=None,
+                     help=f"bits 4/2 only: tokens per key group and channels per value group "
+                          f"(default: {KIVI_GROUP_DEFAULT})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    help: str
+    cache: type
+    add_options: Callable[[argparse.ArgumentParser], None]
+    options: tuple  # the option names saved in the settings dict
+
+
+STRATEGIES = {
+    "full": Strategy("every token, in the model's dtype (the default)", FullCache, lambda sub: None, ()),
+    "compress_kv": Strategy("keep sink + sliding window, drop the middle (StreamingLLM)", CompressedCache,
+                            _compress_options, ("sink_size", "window_size", "rope")),
+    "quantize_kv": Strategy("keep sink + window exact, quantize older tokens (int8, KIVI int4/int2)", QuantizedCache,
+                            _quantize_options, ("sink_size", "window_size", "bits", "group_size")),
+}
 
 
 def strategy_settings(args: argparse.Namespace) -> dict:
-    """The options of the chosen strategy, as a plain dict (saved with every result)."""
-    strategy = getattr(args, "strategy", None) or "full"
-    names = {"full": (), "compress_kv": ("sink_size", "window_size", "rope"),
-             "quantize_kv": ("sink_size", "window_size", "bits", "group_size")}[strategy]
-    return {"strategy": strategy, **{n: getattr(args, n) for n in names}}
+    """The options of the chosen strategy, as a plain dict (saved with every result). Raises
+    ValueError for options that contradict each other."""
+    name = getattr(args, "strategy", None) or "full"
+    settings = {"strategy": name, **{n: getattr(args, n) for n in STRATEGIES[name].options}}
+    if name == "quantize_kv":
+        if settings["bits"] == 8:
+            if settings.pop("group_size") is not None:
+                raise ValueError("--group_size sets the KIVI groups of --bits 4 and 2; --bits 8 keeps one scale "
+                                 "per token and head, so drop --group_size or pick --bits 4/2")
+        elif settings["group_size"] is None:
+            settings["group_size"] = KIVI_GROUP_DEFAULT
+    return settings
 
 
 def check_settings(settings: dict, head_dim: int, max_seq_length: int, device: str = "cpu") -> None:
@@ -47,21 +84,24 @@ def check_settings(settings: dict, head_dim: int, max_seq_length: int, device: s
     if settings["strategy"] == "full":
         return
     sink, window = settings["sink_size"], settings["window_size"]
-    if settings["strategy"] == "quantize_kv":
-        if sink + window > max_seq_length:
-            raise ValueError(f"--sink_size + --window_size ({sink + window}) exceed the cache length "
-                             f"({max_seq_length} tokens: prompt + --max_new_tokens); make them smaller")
+    # Past the run's length nothing would ever be dropped or quantized: the strategy would be a
+    # full cache under another name (and a huge window allocates for tokens that never come).
+    if sink + window > max_seq_length:
+        what = "nothing would be dropped" if settings["strategy"] == "compress_kv" else "nothing would be quantized"
+        raise ValueError(f"--sink_size + --window_size ({sink + window}) exceed the cache length "
+                         f"({max_seq_length} tokens: prompt + --max_new_tokens), so {what}; make them smaller, "
+                         f"or use the full cache")
+    if settings["strategy"] == "quantize_kv" and settings["bits"] != 8:
         group = settings["group_size"]
         # The fused kernel's KIVI tiles need a power-of-two group of at least 16 channels/tokens.
-        fits = head_dim % group == 0 and group & (group - 1) == 0 and (group >= 16 or device == "cpu")
-        if settings["bits"] != 8 and not fits:
-            sizes = [g for g in (8, 16, 32, 64, 128) if head_dim % g == 0 and (g >= 16 or device == "cpu")]
+        smallest = 1 if device == "cpu" else 16
+        fits = head_dim % group == 0 and group & (group - 1) == 0 and group >= smallest
+        if not fits:
+            sizes = [g for g in (8, 16, 32, 64, 128) if head_dim % g == 0 and g >= smallest]
             raise ValueError(f"--group_size {group} does not fit the head dimension ({head_dim}) on {device}; "
                              f"use one of {sizes}")
 
 
 def cache_factory(settings: dict):
-    strategy = settings["strategy"]
     opts = {k: v for k, v in settings.items() if k != "strategy"}
-    cls = {"full": FullCache, "compress_kv": CompressedCache, "quantize_kv": QuantizedCache}[strategy]
-    return functools.partial(cls, **opts)
+    return functools.partial(STRATEGIES[settings["strategy"]].cache, **opts)

@@ -13,10 +13,16 @@ import base64
 import codecs
 import functools
 import re
+import struct
 from pathlib import Path
 from typing import Iterable, Optional
 
 DEFAULT_MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
+
+
+class CheckpointFileError(Exception):
+    """A file of a checkpoint folder that cannot be used (damaged, truncated, or of a kind we do
+    not read); the message says which file and how to re-create it."""
 
 # GPT-2's byte-level pre-tokenizer regex.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -183,18 +189,29 @@ def _gguf_value(reader, key: str, default=None):
     return field.contents()
 
 
+def open_gguf(path: Path):
+    """A GGUFReader over `path`; CheckpointFileError if the file is truncated or not GGUF."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    # What the reader raises on a short or foreign file: numpy's views and reshapes of the
+    # memory map fail (ValueError, IndexError), or struct unpacking runs past the end.
+    except (ValueError, IndexError, struct.error, OSError) as e:
+        raise CheckpointFileError(f"{path} is damaged or not a GGUF file ({type(e).__name__}: {str(e)[:100]}); "
+                                  f"delete it and run `{make_command(path.parent)}`")
+
+
 @functools.lru_cache(maxsize=4)
 def load_gguf_tokenizer(path: Path) -> TiktokenTokenizer:
     """Byte-level BPE from a GGUF file's `tokenizer.*` metadata (reading it takes ~2 s)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
+    reader = open_gguf(path)
     kind = _gguf_value(reader, "tokenizer.ggml.model")
     pre = _gguf_value(reader, "tokenizer.ggml.pre", "gpt2")
     if kind != "gpt2":
-        raise ValueError(f"{path.name}: tokenizer model '{kind}' is not supported (only byte-level BPE, 'gpt2')")
+        raise CheckpointFileError(f"{path}: tokenizer model '{kind}' is not supported (only byte-level BPE, 'gpt2')")
     if pre not in GGUF_PRE_PATTERNS:
-        raise ValueError(f"{path.name}: pre-tokenizer '{pre}' is not supported (known: {', '.join(GGUF_PRE_PATTERNS)})")
+        raise CheckpointFileError(f"{path}: pre-tokenizer '{pre}' is not supported (known: {', '.join(GGUF_PRE_PATTERNS)})")
     field = reader.fields["tokenizer.ggml.tokens"]
     tokens = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
     field = reader.fields["tokenizer.ggml.token_type"]
@@ -245,7 +262,8 @@ def _is_tiktoken_file(path: Path) -> bool:
     return re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head) is not None
 
 
-def _make_command(checkpoint_dir: Path) -> str:
+def make_command(checkpoint_dir: Path) -> str:
+    """The command that makes (or re-makes) a checkpoint folder."""
     if checkpoint_dir.name == DEFAULT_MODEL_DIR_NAME:
         return "python -m scripts.prepare_default"
     parts = checkpoint_dir.parts
@@ -265,7 +283,7 @@ def get_tokenizer(checkpoint_dir: Path) -> Tokenizer:
     if model.is_file():
         return load_llama3_tokenizer(model) if _is_tiktoken_file(model) else SentencePieceTokenizer(model)
     raise FileNotFoundError(
-        f"no tokenizer in {checkpoint_dir} (expected a *.gguf file or tokenizer.model); run `{_make_command(checkpoint_dir)}`"
+        f"no tokenizer in {checkpoint_dir} (expected a *.gguf file or tokenizer.model); run `{make_command(checkpoint_dir)}`"
     )
 
 

@@ -37,6 +37,14 @@ from datetime import timedelta
 from typing import Optional
 
 import torch
+
+# Imported before any process group exists, on purpose: dynamo imported after the group holds
+# references to it that destroy_process_group cannot drop (torch 2.13), and it is otherwise
+# imported lazily (meta-device init, torch.compile). The group's gloo threads then outlive
+# shutdown() and can abort the process at interpreter exit ("terminate called without an active
+# exception") while freeing a collective's tensors. (An import inside init() would also make
+# `torch` a local name there.)
+import torch._dynamo  # noqa: F401
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
@@ -79,11 +87,6 @@ def init(device: str, timeout_s: float = 600) -> str:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    # Dynamo imported after the group exists holds references to it that destroy_process_group
-    # cannot drop (torch 2.13), and it is imported lazily (meta-device init, torch.compile). The
-    # group's gloo threads then outlive shutdown() and can abort the process at interpreter exit
-    # ("terminate called without an active exception") while freeing a collective's tensors.
-    import torch._dynamo  # noqa: F401
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return device
 
@@ -95,11 +98,12 @@ def shutdown() -> None:
 
 def is_collective_failure(e: BaseException) -> bool:
     """A collective that failed because another rank died, hung past the timeout or cut its
-    connection (a functional collective's wait raises a plain RuntimeError from the backend)."""
+    connection. NCCL raises DistError subclasses; gloo's transport raises a plain RuntimeError
+    whose message names its source file (".../gloo/transport/tcp/pair.cc:537] Read error ...",
+    "... unbound_buffer.cc:78] Timed out waiting ..."). Any other RuntimeError is a bug."""
     if isinstance(e, dist.DistError):
         return True
-    markers = ("gloo", "nccl", "timed out", "connection reset", "connection closed")
-    return isinstance(e, RuntimeError) and world_size() > 1 and any(m in str(e).lower() for m in markers)
+    return isinstance(e, RuntimeError) and world_size() > 1 and "gloo/transport/" in str(e)
 
 
 def sum_over_ranks(n: int, device: str) -> int:

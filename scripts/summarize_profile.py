@@ -156,10 +156,13 @@ def format_summary(s: dict) -> str:
     what = ", ".join(f"{k}={v}" for k, v in meta.get("settings", {}).items()) or "run"
     parts = ", ".join(f"{LABELS[c]} {s['shares'][c]:.1%}" for c in CATEGORIES)
     top = "; ".join(f"{o['name']} {o['share']:.1%}" for o in s["top_ops"][:3])
+    where = meta.get("device", "?")
+    if "decode_steps" in meta:  # traces from profiling.py: the window it recorded
+        where += f", prefill + {meta['decode_steps']} decode steps"
     ranges = ("" if s["ranges_seen"] else
               " (no kv_quantize/kv_dequantize/kv_attend ranges in this trace: quantize/dequantize "
               "ops are counted by their enclosing op, mostly as other)")
-    return (f"Profile summary ({what}, {meta.get('device', '?')}): of {s['total_us'] / 1000:.1f} ms {s['basis']}, "
+    return (f"Profile summary ({what}, {where}): of {s['total_us'] / 1000:.1f} ms {s['basis']}, "
             f"{parts}{ranges}. Top ops: {top}. {memory_sentence(meta)}")
 
 

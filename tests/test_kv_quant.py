@@ -1,7 +1,16 @@
 """Property tests of the pure quantization functions.
 
-Bound: every element's round-trip error is within half of its own quantization step (the
-stored scale), plus fp32 arithmetic rounding of the dequantization (1e-6 relative to |x|).
+The bound each element's round trip x -> code c -> x' must meet, derived from the arithmetic.
+In exact arithmetic the codes are round((x - z) / s) with parameters that cover the range, so
+|x' - x| <= s / 2. The functions compute in fp32 (unit roundoff u = 2**-24), and each rounded
+operation adds at most u times its result's magnitude, or half the smallest subnormal, 2**-150,
+where the result is subnormal:
+  quantize:    d = fl(x - z), then q = fl(d / s), c = round(q) (clamping only moves c towards x):
+               q = (x - z)(1 + e1)(1 + e2) / s, so c s is off from x - z by at most
+               s / 2 + (2u + u**2) |x - z|, plus 2**-150 for d and s * 2**-150 for q;
+  dequantize:  fl(c * s), then fl(z + fl(c * s)): u |c s| + u |x'|, plus 2 * 2**-150.
+So |x' - x| <= s / 2 + (2u + u**2) |x - z| + u |c s| + u |x'| + (3 + s) 2**-150, checked in
+float64 (exact to far below these terms). Symmetric int8 is the same with z = 0.
 """
 import numpy as np
 import pytest
@@ -24,9 +33,17 @@ def tensors(shape):
     return arrays(np.float32, shape, elements=element).map(torch.from_numpy)
 
 
-def within_half_step(x, deq, step):
-    err = (deq.float() - x.float()).abs()
-    bound = step.float() / 2 + 1e-6 * x.float().abs() + 1e-30
+U = 2.0**-24
+SUBNORMAL_HALF_ULP = 2.0**-150
+
+
+def within_half_step(x, deq, codes, scale, zero=None):
+    """The module docstring's bound; scale, zero and codes already broadcast against x."""
+    x, deq, s = x.double(), deq.double(), scale.double()
+    z = torch.zeros_like(x) if zero is None else zero.double()
+    err = (deq - x).abs()
+    rounding = (2 * U + U * U) * (x - z).abs() + U * ((codes.double() * s).abs() + deq.abs()) + (3 + s) * SUBNORMAL_HALF_ULP
+    bound = s / 2 + rounding
     return bool((err <= bound).all()), float((err - bound).max())
 
 
@@ -37,7 +54,7 @@ def test_int8_per_token_round_trip(x, dtype):
     assert codes.dtype == torch.int8 and scale.dtype == dtype and scale.shape == (3, 4, 1)
     deq = kq.dequantize_symmetric_per_token(codes, scale, torch.float32)
     assert not deq.isnan().any()
-    ok, excess = within_half_step(x, deq, scale.expand_as(x))
+    ok, excess = within_half_step(x, deq, codes, scale.expand_as(x))
     assert ok, excess
 
 
@@ -48,7 +65,7 @@ def test_kivi_keys_per_channel_round_trip(x, bits, dtype):
     assert scale.shape == zero.shape == (2, 1, 16) and int(codes.max()) < 2**bits
     deq = kq.dequantize_asymmetric(codes, scale, zero, torch.float32)
     assert not deq.isnan().any()
-    ok, excess = within_half_step(x, deq, scale.expand_as(x))
+    ok, excess = within_half_step(x, deq, codes, scale.expand_as(x), zero.expand_as(x))
     assert ok, excess
 
 
@@ -59,7 +76,7 @@ def test_kivi_values_per_token_group_round_trip(x, bits, group, dtype):
     assert scale.shape == (3, 5, 16 // group)
     deq = kq.dequantize_asymmetric(codes, kq.expand_per_token_group(scale, group), kq.expand_per_token_group(zero, group), torch.float32)
     assert not deq.isnan().any()
-    ok, excess = within_half_step(x, deq, kq.expand_per_token_group(scale, group))
+    ok, excess = within_half_step(x, deq, codes, kq.expand_per_token_group(scale, group), kq.expand_per_token_group(zero, group))
     assert ok, excess
 
 

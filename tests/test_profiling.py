@@ -1,30 +1,36 @@
-"""--profile: the files it writes, never overwriting, and the time split of the summary."""
+"""--profile: the names it accepts, the recorded window, the files it writes, never overwriting, and
+the time split of the summary."""
 import json
+import re
 
 import pytest
 import torch
 
 import generate
+import profiling
 from model import ModelArgs, Transformer
-from profiling import profile_run
+from profiling import check_profile_name, profile_run
 from scripts import summarize_profile as sp
 from strategies import cache_factory
+
+FOLDER = "--profile takes a name for the files it writes (NAME.json, NAME.txt, ...), not a folder"
 
 
 def tiny_model(settings):
     torch.manual_seed(0)
     model = Transformer(ModelArgs.from_name("tiny")).eval()
-    model.setup_caches(1, 64, cache_factory(settings))
+    model.setup_caches(1, 128, cache_factory(settings))
     return model
 
 
-def profiled_tiny_run(tmp_path, name, settings, **kw):
+def profiled_tiny_run(tmp_path, name, settings, tokens=4, steps=8, **kw):
+    """A generation of `tokens` tokens on the tiny model, its first `steps` decode steps recorded."""
     model = tiny_model(settings)
     prompt = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
         generate.generate(model, prompt, 4, generate.decode_one_token)  # warm-up, outside the profile
-        with profile_run(name, model=model, settings=settings, out_dir=tmp_path, quiet=True, **kw):
-            generate.generate(model, prompt, 4, generate.decode_one_token)
+        with profile_run(name, steps, model=model, settings=settings, out_dir=tmp_path, quiet=True, **kw) as recorder:
+            generate.generate(model, prompt, tokens, generate.decode_one_token, on_token=lambda tok: recorder.step())
     return model
 
 
@@ -32,24 +38,184 @@ def op_names(trace: dict) -> set:
     return {e["name"] for e in trace["traceEvents"] if e.get("cat") == "cpu_op"}
 
 
+def count(trace: dict, name: str) -> int:
+    return sum(e["name"] == name for e in trace["traceEvents"] if e.get("ph") == "X")
+
+
+def profiler_steps(trace: dict) -> list[dict]:
+    return [e for e in trace["traceEvents"] if e.get("ph") == "X" and e["name"].startswith("ProfilerStep#")]
+
+
+def files(folder) -> list:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*"))
+
+
+# -- names --------------------------------------------------------------------------------------
+def bad_name_error(out, name) -> str:
+    with pytest.raises(ValueError) as e:
+        check_profile_name(name, out)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("--profile")
+    return message
+
+
+def suggestion(message: str) -> str:
+    """The NAME of the `--profile NAME` the message suggests."""
+    return re.findall(r"--profile (\S+?)[,;]?(?: |$)", message)[-1]
+
+
+@pytest.mark.parametrize("name, fragments", [
+    ("../escape", ["'..'", "e.g. --profile escape", "ENGINE_OUTPUTS"]),
+    ("a/../../b", ["'..'", "e.g. --profile a/b"]),
+    ("..", ["'..'", "e.g. --profile run1"]),
+    ("runs/", [FOLDER, "('runs/'); e.g. --profile runs/run1"]),
+    ("runs/.", [FOLDER, "e.g. --profile runs/run1"]),
+    (".", [FOLDER, "e.g. --profile run1"]),
+    ("", [FOLDER, "e.g. --profile run1"]),
+    ("existing", [FOLDER, "('existing'); e.g. --profile existing/run1"]),            # a folder in outputs
+    ("existing/deeper", [FOLDER, "e.g. --profile existing/deeper/run1"]),
+    ("afile/run", ["afile to be a folder, but it is a file", "e.g. --profile afile_run"]),
+    ("existing/afile/x/run", ["afile to be a folder, but it is a file", "e.g. --profile existing_afile_x_run"]),
+])
+def test_names_that_are_not_files_in_the_outputs_folder(tmp_path, name, fragments):
+    out = tmp_path / "outputs"
+    (out / "existing" / "deeper").mkdir(parents=True)
+    (out / "afile").write_text("a file")
+    (out / "existing" / "afile").write_text("a file")
+    message = bad_name_error(out, name)
+    for f in fragments:
+        assert f in message, message
+    # What the message says to do works.
+    check_profile_name(suggestion(message), out)
+
+
+def test_absolute_names_point_to_the_outputs_variable(tmp_path):
+    out = tmp_path / "outputs"
+    out.mkdir()
+    message = bad_name_error(out, str(tmp_path / "x" / "run"))
+    assert "not an absolute path" in message and f"ENGINE_OUTPUTS={tmp_path / 'x'} and pass --profile run" in message
+    message = bad_name_error(out, str(tmp_path))  # an existing folder
+    assert f"ENGINE_OUTPUTS={tmp_path} and pass --profile run1" in message
+    check_profile_name(suggestion(message), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["run1", "runs/int8", "existing/int8", "new/sub/run", "./run", "v1.2"])
+def test_names_inside_the_outputs_folder_are_fine(tmp_path, name):
+    (tmp_path / "existing").mkdir()
+    check_profile_name(name, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../escape", "escape/../../x", "afile/run", "runs/"])
+def test_profile_run_writes_nothing_for_a_bad_name(tmp_path, name):
+    """Checked before anything is written, by profile_run itself too: the whole tree stays as it was."""
+    out = tmp_path / "outputs"
+    out.mkdir()
+    (out / "afile").write_text("a file")
+    before = files(tmp_path)
+    with pytest.raises(ValueError), profile_run(name, 2, out_dir=out):
+        pass
+    with pytest.raises(ValueError), profile_run(str(tmp_path / "abs" / "run"), 2, out_dir=out):
+        pass
+    assert files(tmp_path) == before
+
+
+def test_default_outputs_folder_is_next_to_the_code(tmp_path, monkeypatch):
+    monkeypatch.delenv("ENGINE_OUTPUTS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert profiling.output_dir() == profiling.Path(profiling.__file__).resolve().parent / "outputs"
+    monkeypatch.setenv("ENGINE_OUTPUTS", str(tmp_path / "elsewhere"))
+    assert profiling.output_dir() == tmp_path / "elsewhere"
+    assert profiling.output_dir(tmp_path / "given") == tmp_path / "given"
+
+
+# -- the recorded window ------------------------------------------------------------------------
+def test_window_stops_after_steps_decode_steps(tmp_path):
+    """50 tokens, steps=3: the prefill and 3 decode steps are recorded, nothing after them."""
+    profiled_tiny_run(tmp_path, "w", {"strategy": "full"}, tokens=50, steps=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json", "w.txt", "w_summary.json"]
+    trace = json.loads((tmp_path / "w.json").read_text())
+    assert [e["name"] for e in profiler_steps(trace)] == [f"ProfilerStep#{i}" for i in range(1, 5)]
+    assert count(trace, "aten::embedding") == 4  # one forward per recorded step, not 50
+    s = sp.summarize(trace)
+    assert s["meta"]["decode_steps"] == 3
+    # The summary's figures are exactly the recorded window's host time.
+    assert s["total_us"] == pytest.approx(sum(e["dur"] for e in profiler_steps(trace)), rel=1e-6)
+    assert "prefill + 3 decode steps" in sp.format_summary(s)
+    table = (tmp_path / "w.txt").read_text()  # the table is the window's too: 4 steps, 4 forwards
+    for op in (r"ProfilerStep\*", "aten::embedding"):
+        assert re.search(rf"^ +{op} .* 4 +$", table, re.M), op
+
+
+def test_generation_shorter_than_the_window_still_writes_everything(tmp_path):
+    """Stopped after 2 tokens (as at an EOS) with steps=5: the window ends with the block."""
+    profiled_tiny_run(tmp_path, "short", {"strategy": "full"}, tokens=2, steps=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.json", "short.txt", "short_summary.json"]
+    trace = json.loads((tmp_path / "short.json").read_text())
+    assert count(trace, "aten::embedding") == 2
+    summary = json.loads((tmp_path / "short_summary.json").read_text())
+    assert summary["meta"]["decode_steps"] == 1
+    assert summary["total_us"] == pytest.approx(sum(e["dur"] for e in profiler_steps(trace)), rel=1e-6)
+    assert "aten::mm" in (tmp_path / "short.txt").read_text()
+
+
+def test_a_failed_generation_still_leaves_its_trace(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"), profile_run("f", 4, out_dir=tmp_path, quiet=True) as recorder:
+        torch.ones(8, 8) @ torch.ones(8, 8)
+        recorder.step()
+        raise RuntimeError("boom")
+    trace = json.loads((tmp_path / "f.json").read_text())
+    assert "aten::mm" in op_names(trace) and trace[sp.METADATA_KEY]["decode_steps"] == 0
+    assert not (tmp_path / "f.txt").exists()
+
+
+def test_stdout_stays_the_texts(tmp_path, capfd):
+    """Progress and results go to stderr (fd 2, where Kineto writes too), and Kineto's own lines are off."""
+    with profile_run("p", 2, out_dir=tmp_path) as recorder:
+        for _ in range(5):
+            torch.ones(8, 8) @ torch.ones(8, 8)
+            recorder.step()
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert re.search(r"^writing profile \(\d+ events\) to .*p\.\* \.\.\.$", err, re.M), err
+    assert f"profile written to {tmp_path / 'p.json'}, {tmp_path / 'p.txt'}" in err and "Profile summary" in err
+    assert "USDT" not in err and "profiler_st" not in err
+
+
+def test_detail_adds_shapes_memory_and_flops(tmp_path):
+    profiled_tiny_run(tmp_path, "plain", {"strategy": "full"})
+    profiled_tiny_run(tmp_path, "detail", {"strategy": "full"}, detail=True)
+    plain, detail = ((tmp_path / f"{n}.txt").read_text() for n in ("plain", "detail"))
+    assert "by input shape" not in plain and "FLOPs" not in plain and "CPU Mem" not in plain
+    assert "by input shape" in detail and "FLOPs" in detail and "CPU Mem" in detail
+    trace = json.loads((tmp_path / "detail.json").read_text())
+    assert any("Input Dims" in e.get("args", {}) for e in trace["traceEvents"])
+    assert any(e.get("cat") == "python_function" for e in trace["traceEvents"])  # stacks
+
+
+# -- the CLI, files, summary --------------------------------------------------------------------
 @pytest.mark.slow
-def test_generate_profile_writes_trace_table_and_summary(tmp_path, monkeypatch, capsys):
-    """The real CLI on the default model: files land in $ENGINE_OUTPUTS, the trace holds the model's ops."""
+def test_generate_profile_writes_trace_table_and_summary(tmp_path, monkeypatch, capfd):
+    """The real CLI on the default model: files land in $ENGINE_OUTPUTS, the trace holds the model's
+    ops, the window closes after --profile_steps while the generation goes on."""
     monkeypatch.setenv("ENGINE_OUTPUTS", str(tmp_path))
-    generate.main(["--max_new_tokens", "4", "--device", "cpu", "--temperature", "0", "--profile", "run"])
+    generate.main(["--max_new_tokens", "6", "--device", "cpu", "--temperature", "0", "--profile", "run",
+                   "--profile_steps", "2", "--profile_detail"])
     trace = json.loads((tmp_path / "run.json").read_text())
     names = op_names(trace)
     assert {"aten::linear", "aten::mm"} <= names
     assert any("scaled_dot_product" in n for n in names)
+    assert len(profiler_steps(trace)) == 3 and count(trace, "aten::embedding") == 3
     table = (tmp_path / "run.txt").read_text()
     assert "aten::mm" in table and "FLOPs" in table and "CPU Mem" in table
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     assert sum(summary["shares"].values()) == pytest.approx(1.0, abs=1e-9)
     assert summary["times_us"]["matmul"] > 0 and summary["times_us"]["attention"] > 0
     assert summary["meta"]["kv_bytes"] > 0 and summary["meta"]["param_bytes"] > 0
-    assert summary["meta"]["settings"] == {"strategy": "full"}
-    err = capsys.readouterr().err
-    assert f"{tmp_path / 'run.json'}" in err and "Profile summary" in err
+    assert summary["meta"]["settings"] == {"strategy": "full"} and summary["meta"]["decode_steps"] == 2
+    out, err = capfd.readouterr()
+    assert f"{tmp_path / 'run.json'}" in err and "Profile summary" in err and "writing profile (" in err
+    assert out.startswith("Once upon a time,")  # stdout: the text only
+    assert not any(line in out for line in ("writing profile", "profile written", "Profile summary", "USDT"))
 
     # A second run with the same name gets a numbered suffix; the first files stay as they were.
     before = (tmp_path / "run.json").read_bytes()
@@ -77,18 +243,18 @@ def test_second_run_gets_a_suffix_unless_overwrite(tmp_path):
     {"strategy": "quantize_kv", "sink_size": 4, "window_size": 8, "bits": 4, "group_size": 8},
 ])
 def test_summary_shares_add_up_and_kv_share_is_reported(tmp_path, settings):
-    model = profiled_tiny_run(tmp_path, "s", settings)
+    model = profiled_tiny_run(tmp_path, "s", settings, tokens=20, steps=16)
     trace = json.loads((tmp_path / "s.json").read_text())
     assert any("scaled_dot_product" in n for n in op_names(trace))
     s = sp.summarize(trace)
     assert sum(s["shares"].values()) == pytest.approx(1.0, abs=1e-9)
     assert sum(s["times_us"].values()) == pytest.approx(s["total_us"])
-    # The window's host time is fully accounted for: the shares are of the recorded step's length.
-    step = next(e for e in trace["traceEvents"] if e["name"].startswith("ProfilerStep#"))
-    assert s["total_us"] == pytest.approx(step["dur"], rel=1e-6)
+    # The window's host time is fully accounted for: the shares are of the recorded steps' length.
+    assert len(profiler_steps(trace)) == 17
+    assert s["total_us"] == pytest.approx(sum(e["dur"] for e in profiler_steps(trace)), rel=1e-6)
     assert s["meta"]["kv_bytes"] == sum(c.nbytes() for c in model.caches())
     paragraph = sp.format_summary(s)
-    for label in ("attention", "matmuls", "KV quantize/dequantize", "other", "KV cache"):
+    for label in ("attention", "matmuls", "KV quantize/dequantize", "other", "KV cache", "prefill + 16 decode steps"):
         assert label in paragraph
     # The printed summary and the saved one agree.
     assert json.loads((tmp_path / "s_summary.json").read_text())["shares"] == pytest.approx(s["shares"])

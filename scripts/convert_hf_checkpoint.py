@@ -10,18 +10,47 @@ our RoPE rotates interleaved pairs (Meta's layout), so those rows are permuted b
 """
 import argparse
 import json
+import pickle
 import shutil
 import sys
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
+from atomic_write import write_atomically
+
 from model import ModelArgs
 
 
 class ConversionError(Exception):
-    """An error the user can fix (wrong folder, wrong preset); reported in one line."""
+    """An error the user can fix (wrong folder, wrong preset, a damaged download); reported in one line."""
+
+
+REDOWNLOAD = "download it again, e.g. with `python -m scripts.download --repo_id <org>/<name>`"
+
+
+def reason(e: BaseException) -> str:
+    """'Type: first sentence' of an exception, for a one-line message (torch's run over lines)."""
+    text = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:150]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def damaged(path: Path, why: str) -> ConversionError:
+    return ConversionError(f"{path} is damaged ({why}); {REDOWNLOAD}")
+
+
+def read_json_object(path: Path) -> dict:
+    """A downloaded JSON file that must hold an object; anything else is a broken download."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise damaged(path, f"not valid JSON: {reason(e)}") from None
+    if not isinstance(data, dict):
+        raise damaged(path, f"holds {json.dumps(data)[:40]}, not a JSON object")
+    return data
 
 
 # HF name inside a layer -> ours. q/k/v are handled apart: they are fused into wqkv.
@@ -68,32 +97,55 @@ def check_config(config: dict, args: ModelArgs, name: str) -> None:
             print(f"warning: config.json {key}={got} but preset '{name}' uses {want}", file=sys.stderr)
 
 
+def _index_files(index: Path) -> list[Path]:
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise damaged(index, "no weight_map from tensor names to file names")
+    return [index.parent / f for f in sorted(set(weight_map.values()))]
+
+
 def _weight_files(checkpoint_dir: Path) -> list[Path]:
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = checkpoint_dir / index_name
         if index.exists():
-            return [checkpoint_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+            return _index_files(index)
         if (checkpoint_dir / single).exists():
             return [checkpoint_dir / single]
     raise ConversionError(f"no model.safetensors or pytorch_model*.bin in {checkpoint_dir}")
+
+
+def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except SafetensorError as e:  # a truncated or overwritten file fails its header checks
+        raise damaged(path, reason(e)) from None
+
+
+def _torch_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        with warnings.catch_warnings():  # the unpickler warns about what it is about to reject
+            warnings.simplefilter("ignore")
+            # mmap needs the zip format; files saved by torch < 1.6 are plain pickles.
+            shard = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+        # What torch.load raises for a damaged file depends on where the damage is.
+        raise damaged(path, reason(e)) from None
+    if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):
+        raise damaged(path, "not a state dict of tensors")
+    yield from shard.items()
 
 
 def iter_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) one at a time, so only one source tensor is in memory beside the output."""
     for path in _weight_files(checkpoint_dir):
         if not path.exists():
-            raise ConversionError(f"{path} is listed in the index but missing; download it again")
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        else:
-            shard = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            yield from shard.items()
-            del shard
+            raise ConversionError(f"{path} is listed in the index but missing; {REDOWNLOAD}")
+        yield from (_safetensors_tensors if path.suffix == ".safetensors" else _torch_tensors)(path)
 
 
 def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -144,13 +196,14 @@ def convert(checkpoint_dir: Path, model_name: Optional[str] = None, args: Option
     config_path = checkpoint_dir / "config.json"
     if not config_path.exists():
         raise ConversionError(f"no config.json in {checkpoint_dir}; is this a Hugging Face checkpoint folder?")
+    config = read_json_object(config_path)
     name = model_name or checkpoint_dir.name
     if args is None:
         try:
             args = ModelArgs.from_name(name)
         except ValueError as e:
             raise ConversionError(f"{e}; pass --model_name") from None
-    check_config(json.loads(config_path.read_text()), args, name)
+    check_config(config, args, name)
 
     sd = convert_state_dict(iter_tensors(checkpoint_dir), args)
     expected = {f"layers.{i}.{n}" for i in range(args.n_layer) for n in _LAYER_NAMES.values()}
@@ -160,13 +213,14 @@ def convert(checkpoint_dir: Path, model_name: Optional[str] = None, args: Option
         raise ConversionError(f"checkpoint lacks {len(missing)} tensors (first: {missing[0]}); the download is incomplete")
 
     out = checkpoint_dir / "model.pth"
-    partial = out.with_suffix(".partial")
-    torch.save(sd, partial)
-    partial.rename(out)
+    try:
+        write_atomically(out, lambda tmp: torch.save(sd, tmp))
+    except OSError as e:  # a full disk, a read-only folder
+        raise ConversionError(f"could not write {out} ({reason(e)}); free some space or make the folder writable") from None
     # Llama-3 repos keep Meta's tiktoken rank file under original/; the tokenizer looks next to model.pth.
     original_tokenizer = checkpoint_dir / "original" / "tokenizer.model"
     if original_tokenizer.exists() and not (checkpoint_dir / "tokenizer.model").exists():
-        shutil.copy(original_tokenizer, checkpoint_dir / "tokenizer.model")
+        write_atomically(checkpoint_dir / "tokenizer.model", lambda tmp: shutil.copyfile(original_tokenizer, tmp))
     return out
 
 

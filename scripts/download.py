@@ -5,6 +5,8 @@
 Fetches only what the conversion needs: config/tokenizer files and the weights (safetensors when
 the repo has them, else pytorch_model*.bin; never Meta's consolidated.*.pth duplicates).
 Gated repos (Llama) need an accepted license and a token (--hf_token or the HF_TOKEN variable).
+checkpoints/ is the folder next to the code (where the default model lives), wherever the command
+is started from.
 """
 import argparse
 import re
@@ -12,17 +14,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from scripts.convert_hf_checkpoint import ConversionError, convert
+from default_model import DEFAULT_CHECKPOINT
+from scripts.convert_hf_checkpoint import ConversionError, convert, reason
 
-CHECKPOINTS = Path("checkpoints")
+CHECKPOINTS = DEFAULT_CHECKPOINT.parents[1]
 
 
 class DownloadError(Exception):
     """A download the user can fix (no access, no network, bad repo id); reported in one line."""
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def download(repo_id: str, hf_token: Optional[str] = None, root: Path = CHECKPOINTS) -> Path:
@@ -31,9 +30,10 @@ def download(repo_id: str, hf_token: Optional[str] = None, root: Path = CHECKPOI
         raise DownloadError(f"--repo_id must look like <org>/<name> (e.g. meta-llama/Meta-Llama-3.1-8B), got '{repo_id}'")
     try:
         from huggingface_hub import HfApi, snapshot_download
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+        # HTTPError: the HTTP client's base error (httpx's or requests'), network failures included.
+        from huggingface_hub.errors import GatedRepoError, HFValidationError, HTTPError, RepositoryNotFoundError
     except ImportError:
-        raise DownloadError("huggingface_hub is not installed; run `pip install huggingface_hub`") from None
+        raise DownloadError("huggingface_hub is missing or too old; run `pip install -U huggingface_hub`") from None
 
     dest = root / repo_id
     try:
@@ -46,14 +46,19 @@ def download(repo_id: str, hf_token: Optional[str] = None, root: Path = CHECKPOI
                             "(or set HF_TOKEN)") from None
     except RepositoryNotFoundError:
         raise DownloadError(f"{repo_id} not found (or private without a token); check --repo_id and --hf_token") from None
-    except Exception as e:  # network, disk, HTTP: all end the same way for the user
-        raise DownloadError(f"downloading {repo_id} failed: {type(e).__name__}: {_first_line(e)}") from None
+    except HFValidationError as e:
+        raise DownloadError(f"--repo_id '{repo_id}' is not a valid Hugging Face repo id ({reason(e)}); check its spelling") from None
+    except (HTTPError, OSError) as e:  # the network, the Hub, the disk; a bug of ours is none of these
+        raise DownloadError(f"downloading {repo_id} failed ({reason(e)}); check the network and the free disk space, "
+                            "then run the command again") from None
     return dest
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repo_id", required=True, help="Hugging Face repo, e.g. meta-llama/Meta-Llama-3.1-8B")
+    parser.add_argument("--repo_id", required=True,
+                        help="Hugging Face repo, e.g. meta-llama/Meta-Llama-3.1-8B; downloaded into checkpoints/<repo_id> "
+                             "next to the code")
     parser.add_argument("--hf_token", default=None, help="access token for gated repos (default: HF_TOKEN / saved login)")
     parser.add_argument("--model_name", default=None, help="preset name for the conversion (default: the repo's name)")
     return parser.parse_args(argv)

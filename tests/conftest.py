@@ -8,9 +8,15 @@ new failures set HYPOTHESIS_PROFILE=explore (random, with the database) or pass
 import os
 
 import pytest
+import torch
 from hypothesis import settings
 
 from default_model import DEFAULT_CHECKPOINT, prepare_default
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run under the interpreter (tests/test_decode_attention.py,
+    # tests/test_ring_append.py); it must be chosen before triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile("repeatable", derandomize=True, database=None)
 settings.register_profile("explore")

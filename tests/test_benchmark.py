@@ -1,8 +1,13 @@
 """scripts/benchmark.py on the CPU (eager, tiny model): the JSON it writes, its refusals. GPU
 timings are the device's; here only that every figure is there and sane."""
+import argparse
+import importlib
 import json
 import subprocess
 import sys
+
+import pytest
+import torch
 
 
 def bench(tmp_path, *extra):
@@ -32,3 +37,67 @@ def test_never_overwrites(tmp_path):
     (tmp_path / "b.json").write_text("{}")
     r, out = bench(tmp_path)
     assert r.returncode != 0 and "exists" in r.stderr and out.read_text() == "{}"
+
+
+def test_prints_no_floor_without_a_measured_bandwidth(tmp_path):
+    r, out = bench(tmp_path, "--layers", "1", "--strategies", "full")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["rows"][0]["floor_ms"] is None
+    assert "floor n/a" in r.stdout and "roofline" not in r.stdout
+
+
+def test_help_lists_presets_defaults_and_a_working_example():
+    from model import PRESETS
+    from scripts.benchmark import build_parser
+
+    text = build_parser().format_help()
+    assert all(name in text for name in PRESETS)
+    # The docstring's example continues over two lines with a shell backslash.
+    assert "--contexts 1024 8192 32768 \\\n        --long_context 131072" in text
+
+
+@pytest.mark.parametrize("module", ["scripts.benchmark", "scripts.evaluate", "scripts.bench_attention"])
+def test_every_option_shows_its_default(module):
+    parser = importlib.import_module(module).build_parser()
+    for action in parser._actions:
+        takes_value = action.option_strings and not isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction))
+        if takes_value:
+            assert "default" in (action.help or ""), f"{module} {action.option_strings[0]}: {action.help}"
+
+
+def test_a_bug_in_tp_init_is_a_traceback(tmp_path, monkeypatch):
+    """tp.init's ValueError (a launch that cannot work) is the user's; anything else is ours: it
+    once turned an UnboundLocalError into `error: cannot access local variable 'torch'`."""
+    from scripts import benchmark
+
+    def raise_(error):
+        def init(device):
+            raise error
+        return init
+
+    argv = ["--model", "tiny", "--out", str(tmp_path / "b.json")]
+    monkeypatch.setattr(benchmark.tp, "init", raise_(TypeError("a bug")))
+    with pytest.raises(TypeError, match="a bug"):
+        benchmark.main(argv)
+    monkeypatch.setattr(benchmark.tp, "init", raise_(ValueError("2 ranks on this node but 1 GPU(s) visible")))
+    with pytest.raises(SystemExit, match="^error: 2 ranks on this node"):
+        benchmark.main(argv)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_settings_that_do_not_fit_are_skipped(monkeypatch):
+    """check_settings' ValueError skips a (batch, strategy); a ValueError from inside the
+    measurement is a bug and propagates."""
+    from scripts import benchmark
+
+    args = benchmark.build_parser().parse_args(["--model", "tiny", "--contexts", "64", "--long_context", "0"])
+    model = benchmark.random_model("tiny", "cpu", torch.float32, 1)
+    rows, error = benchmark.run_config(model, 1, "int4", args, "cpu", None)
+    assert rows == [] and "group_size" in error
+
+    def broken(*a, **k):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(benchmark, "bench_config", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        benchmark.run_config(model, 1, "full", args, "cpu", None)

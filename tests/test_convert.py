@@ -11,8 +11,10 @@ import sys
 import pytest
 import torch
 
+from default_model import DEFAULT_CHECKPOINT
 from model import ModelArgs, Transformer
 from scripts import download as download_script
+from atomic_write import write_atomically
 from scripts.convert_hf_checkpoint import ConversionError, convert
 from strategies import cache_factory
 
@@ -137,3 +139,70 @@ def test_download_arguments(monkeypatch):
         download_script.download("not-a-repo-id")
     result = _run("scripts.download", "--repo_id", "bad id")
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+
+
+# -- writing, old formats, bugs (damaged downloads: tests/test_scripts_bad_input.py) ----------------
+def test_a_legacy_pickle_bin_still_converts(tmp_path):
+    hf = _hf_model("llama", n_kv_heads=2)
+    hf.config.save_pretrained(tmp_path)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    _check_matches_hf(hf, convert(tmp_path, model_name="tiny"), ModelArgs.from_name("tiny"))
+
+
+def test_writing_model_pth_leaves_other_files_alone(tmp_path):
+    _hf_model("llama", n_kv_heads=2).save_pretrained(tmp_path)
+    (tmp_path / "model.partial").write_text("the user's")  # the name the conversion used to write through
+    convert(tmp_path, model_name="tiny")
+    assert (tmp_path / "model.partial").read_text() == "the user's"
+    assert [p.name for p in tmp_path.glob("*partial*")] == ["model.partial"]  # no temporary file left behind
+
+
+def test_write_atomically_cleans_up_after_a_failed_write(tmp_path):
+    def fail(tmp):
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_atomically(tmp_path / "model.pth", fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("loader", ["torch.load", "safetensors.safe_open"])
+def test_a_bug_while_reading_is_a_traceback_not_advice(tmp_path, monkeypatch, loader):
+    """Only what a damaged file raises becomes 'damaged'; a TypeError is ours and propagates."""
+    _hf_model("llama", n_kv_heads=2).save_pretrained(tmp_path)
+    if loader == "torch.load":
+        (tmp_path / "model.safetensors").unlink()
+        torch.save({}, tmp_path / "pytorch_model.bin")
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(loader, broken)
+    with pytest.raises(TypeError, match="a bug"):
+        convert(tmp_path, model_name="tiny")
+
+
+def test_download_turns_network_and_disk_errors_into_one_line(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HTTPError
+
+    for error in (HTTPError("[Errno -3] Temporary failure in name resolution"), OSError(28, "No space left on device")):
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(HfApi, "list_repo_files", fail)
+        with pytest.raises(download_script.DownloadError, match="check the network and the free disk space"):
+            download_script.download("org/name", root=tmp_path)
+
+
+def test_download_lets_a_programming_error_through(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    def broken(*args, **kwargs):
+        raise TypeError("list_repo_files() got an unexpected keyword argument")
+
+    monkeypatch.setattr(HfApi, "list_repo_files", broken)
+    with pytest.raises(TypeError):
+        download_script.main(["--repo_id", "org/name"])
+    assert download_script.CHECKPOINTS == DEFAULT_CHECKPOINT.parents[1]  # next to the code, not the current folder

@@ -129,6 +129,30 @@ def test_cache_nbytes_matches_the_caches():
         assert ev.cache_nbytes(config, settings, 300) == sum(c.nbytes() for c in model.caches())
 
 
+# -- the results file ------------------------------------------------------------------------------
+def test_saving_results_leaves_other_files_alone(tmp_path):
+    """eval.tmp was the temporary name of eval.json and a user's eval.tmp was lost with it."""
+    from scripts.evaluate import CellStore
+
+    (tmp_path / "eval.tmp").write_text("the user's")
+    store = CellStore(tmp_path / "eval.json", {"checkpoint": "x"}, None)
+    store.get_or_run("cell", lambda: {"ppl": 1.5})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "eval.tmp"]
+    assert (tmp_path / "eval.tmp").read_text() == "the user's"
+    assert json.loads((tmp_path / "eval.json").read_text())["cells"] == {"cell": {"ppl": 1.5}}
+
+
+def test_a_bug_is_a_traceback(tmp_path, monkeypatch):
+    from scripts import evaluate
+
+    def broken(name):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(evaluate, "pick_device", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        evaluate.main(["--quick", "--out", str(tmp_path / "eval.json")])
+
+
 # -- the sweep, end to end ------------------------------------------------------------------------
 @pytest.mark.slow
 def test_quick_sweep_writes_results_and_resumes(tmp_path, default_checkpoint):

@@ -1,17 +1,27 @@
-"""Quantize / dequantize KV-cache tensors: pure functions, granularity in the name.
+"""Quantize / dequantize KV-cache tensors: pure functions, granularity in the name, and the
+format of a cache's quantized body.
+
+Formats: int8 and fp8 (e4m3, the "fp8 KV cache" of vLLM / SGLang / TensorRT-LLM) keep one
+symmetric scale per token and head; int4 / int2 are KIVI's asymmetric groups (keys per channel
+over a group of tokens, values per token over a group of channels).
 
 Scales and zero points are stored in the cache's dtype (bf16 on the GPU). The codes are computed
 from the *stored* (rounded) parameters, and the parameters are nudged one ulp outward when
-rounding would leave part of the range uncovered, so every element's round-trip error stays
-within half of its quantization step.
+rounding would leave part of the range uncovered, so every int element's round-trip error stays
+within half of its quantization step (fp8: within half a unit of the e4m3 code it rounds to).
+fp8 codes are kept as their bit patterns in uint8 tensors (PyTorch's CPU kernels cannot yet
+index_copy_ a float8 tensor); `fp8_codes_as_float` reads them.
 
 Packing (bits 4 and 2) is planar along the last axis: with n = 8 // bits codes per byte, byte j
 holds codes j, j + D/n, j + 2D/n, ... in increasing bit positions. A kernel unpacks it with a
 shift and a mask per plane and never has to interleave.
 """
+from typing import NamedTuple, Optional
+
 import torch
 
 INT8_MAX = 127
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
 def _next_up(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +51,31 @@ def quantize_symmetric_per_token(x: torch.Tensor, dtype: torch.dtype):
 
 def dequantize_symmetric_per_token(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
     return (codes.float() * scale.float()).to(dtype)
+
+
+def quantize_fp8_per_token(x: torch.Tensor, dtype: torch.dtype):
+    """fp8 e4m3, one absmax scale per vector along the last axis, mapping the absmax to 448.
+
+    x: [..., D] -> codes uint8 [..., D] (e4m3 bit patterns), scale [..., 1] in `dtype`. Each
+    element is x / scale rounded to the nearest e4m3 value (ties to even): a relative error of at
+    most 2**-4 for normal codes, an absolute one of at most 2**-10 * scale for subnormal ones.
+    """
+    x32 = x.float()
+    absmax = x32.abs().amax(dim=-1, keepdim=True)
+    scale = (absmax * (1.0 / FP8_MAX)).to(dtype)  # times the fp32 reciprocal, as int8's
+    scale = torch.where(scale.float() * FP8_MAX < absmax, _next_up(scale), scale)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    codes = (x32 / scale.float()).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes.view(torch.uint8), scale
+
+
+def fp8_codes_as_float(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 e4m3 bit patterns -> their fp32 values."""
+    return codes.view(torch.float8_e4m3fn).float()
+
+
+def dequantize_fp8_per_token(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+    return (fp8_codes_as_float(codes) * scale.float()).to(dtype)
 
 
 def _asymmetric(x32: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, dtype: torch.dtype):
@@ -108,3 +143,47 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(n, device=packed.device, dtype=torch.int32) * bits
     planes = (packed.to(torch.int32)[..., None, :] >> shifts[:, None]) & ((1 << bits) - 1)  # [..., n, D/n]
     return planes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+
+
+class QuantizedBody(NamedTuple):
+    """The quantized part of a cache, tokens [0, body_len) of capacity L.
+
+    bits 8: k/v_codes [B, Hkv, L, D] int8 (or uint8 e4m3 bit patterns when fp8), k/v_scale
+    [B, Hkv, L, 1], zeros None.
+    bits 4/2 (KIVI): k/v_codes uint8 [B, Hkv, L, D*bits/8] (planar), k_scale/k_zero
+    [B, Hkv, L/group_size, D] (per channel over token groups), v_scale/v_zero
+    [B, Hkv, L, D/group_size] (per token over channel groups).
+    """
+    bits: int
+    group_size: int
+    k_codes: torch.Tensor
+    k_scale: torch.Tensor
+    k_zero: Optional[torch.Tensor]
+    v_codes: torch.Tensor
+    v_scale: torch.Tensor
+    v_zero: Optional[torch.Tensor]
+    fp8: bool = False
+
+    @property
+    def format(self) -> str:
+        """int8, fp8, int4 or int2: what a user asks for and a kernel dispatches on."""
+        return "fp8" if self.fp8 else f"int{self.bits}"
+
+    def tensors(self) -> tuple:
+        return self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero
+
+    def with_tensors(self, tensors) -> "QuantizedBody":
+        return QuantizedBody(self.bits, self.group_size, *tensors, fp8=self.fp8)
+
+
+def dequantize_body(body: QuantizedBody, dtype=torch.float32):
+    """QuantizedBody -> (k, v), each [B, Hkv, L, D] in `dtype`."""
+    if body.bits == 8:
+        dequantize = dequantize_fp8_per_token if body.fp8 else dequantize_symmetric_per_token
+        return dequantize(body.k_codes, body.k_scale, dtype), dequantize(body.v_codes, body.v_scale, dtype)
+    g = body.group_size
+    k = dequantize_asymmetric(unpack_codes(body.k_codes, body.bits), expand_per_channel(body.k_scale, g),
+                              expand_per_channel(body.k_zero, g), dtype)
+    v = dequantize_asymmetric(unpack_codes(body.v_codes, body.bits), expand_per_token_group(body.v_scale, g),
+                              expand_per_token_group(body.v_zero, g), dtype)
+    return k, v

@@ -1,7 +1,7 @@
 """quantize_kv: sink and recent window exact, every older token quantized into a preallocated body.
 
-  bits 8    symmetric, one absmax scale per token per KV head; a token is quantized the step it
-            leaves the window (evict_block 1).
+  bits 8    symmetric, one absmax scale per token per KV head, int8 codes (or fp8 e4m3 codes with
+            fp8=True); a token is quantized the step it leaves the window (evict_block 1).
   bits 4/2  KIVI: keys asymmetric per channel over groups of `group_size` tokens (a group is
             quantized once all of its tokens have left the window, so up to group_size - 1 extra
             tokens stay exact), values asymmetric per token over groups of `group_size` channels;
@@ -16,7 +16,8 @@ group is a trash group for masked writes); per-group key parameters are [B, H, n
 import torch
 
 import kv_quant as kq
-from decode_attention import QuantizedBody, decode_attention
+from kv_quant import QuantizedBody
+from decode_attention import decode_attention
 from kv_cache import batch_rows, masked_attention, profiler_range, use_decode_kernel
 from sink_window import SinkWindowCache, floor_div
 
@@ -24,20 +25,22 @@ BITS = (8, 4, 2)
 
 
 class QuantizedCache(SinkWindowCache):
-    def __init__(self, batch_size, max_seq_length, n_kv_heads, head_dim, dtype, device, sink_size, window_size, bits=8, group_size=32, **_):
-        assert bits in BITS
+    def __init__(self, batch_size, max_seq_length, n_kv_heads, head_dim, dtype, device, sink_size, window_size, bits=8,
+                 group_size=32, fp8=False, **_):
+        assert bits in BITS and (bits == 8 or not fp8)
         block = 1 if bits == 8 else group_size
         super().__init__(batch_size, n_kv_heads, head_dim, dtype, device, sink_size, window_size, evict_block=block)
         assert bits == 8 or head_dim % group_size == 0, "group_size must divide head_dim"
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.fp8 = bits, group_size, fp8
         self.n_groups = -(-max(max_seq_length - sink_size, 1) // block)
         tokens = (self.n_groups + 1) * block
         b, h, d = batch_size, n_kv_heads, head_dim
         zeros = lambda *shape, dt=dtype: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
         if bits == 8:
+            code_dtype = torch.uint8 if fp8 else torch.int8  # fp8: e4m3 bit patterns (kv_quant)
             buffers = dict(
-                k_codes=zeros(b, h, tokens, d, dt=torch.int8), k_scale=zeros(b, h, tokens, 1),
-                v_codes=zeros(b, h, tokens, d, dt=torch.int8), v_scale=zeros(b, h, tokens, 1),
+                k_codes=zeros(b, h, tokens, d, dt=code_dtype), k_scale=zeros(b, h, tokens, 1),
+                v_codes=zeros(b, h, tokens, d, dt=code_dtype), v_scale=zeros(b, h, tokens, 1),
             )
         else:
             packed = d * bits // 8
@@ -78,8 +81,9 @@ class QuantizedCache(SinkWindowCache):
             batch_rows(buf, bsz).index_copy_(2, dest, value.reshape(bsz, h, n_cand, -1))
 
         if self.bits == 8:
+            quantize = kq.quantize_fp8_per_token if self.fp8 else kq.quantize_symmetric_per_token
             for name, x in (("k", k), ("v", v)):
-                codes, scale = kq.quantize_symmetric_per_token(x, dt)
+                codes, scale = quantize(x, dt)
                 put_tokens(getattr(self, f"{name}_codes"), codes)
                 put_tokens(getattr(self, f"{name}_scale"), scale)
             return
@@ -93,29 +97,24 @@ class QuantizedCache(SinkWindowCache):
         put_tokens(self.v_zero, vz)
 
     # -- reads ----------------------------------------------------------------------------
-    def body(self, bsz: int):
-        """The quantized body as decode_attention.QuantizedBody (rows taken with batch_rows: a decode
-        step's ring_append writes through them)."""
-        kz = batch_rows(self.k_zero, bsz) if self.bits != 8 else None
-        vz = batch_rows(self.v_zero, bsz) if self.bits != 8 else None
-        return QuantizedBody(self.bits, self.evict_block, batch_rows(self.k_codes, bsz), batch_rows(self.k_scale, bsz), kz,
-                             batch_rows(self.v_codes, bsz), batch_rows(self.v_scale, bsz), vz)
+    def body(self, bsz: int) -> QuantizedBody:
+        """The quantized body (rows taken with batch_rows: a decode step's ring_append writes
+        through them)."""
+        tensors = [None if t is None else batch_rows(t, bsz) for t in self._body_buffers()]
+        return QuantizedBody(self.bits, self.evict_block, *tensors, fp8=self.fp8)
+
+    def _body_buffers(self) -> tuple:
+        zeros = (self.k_zero, self.v_zero) if self.bits != 8 else (None, None)
+        return self.k_codes, self.k_scale, zeros[0], self.v_codes, self.v_scale, zeros[1]
 
     def dequantized_body(self, bsz: int, dtype):
         """[B, H, n_groups * G, D] keys and values (the trash block left out)."""
-        n = self.n_groups * self.evict_block
-        if self.bits == 8:
-            k = kq.dequantize_symmetric_per_token(self.k_codes[:bsz, :, :n], self.k_scale[:bsz, :, :n], dtype)
-            v = kq.dequantize_symmetric_per_token(self.v_codes[:bsz, :, :n], self.v_scale[:bsz, :, :n], dtype)
-            return k, v
-        g, ng = self.group_size, self.n_groups
-        kc = kq.unpack_codes(self.k_codes[:bsz, :, :n], self.bits)
-        k = kq.dequantize_asymmetric(kc, kq.expand_per_channel(self.k_scale[:bsz, :, :ng], g),
-                                     kq.expand_per_channel(self.k_zero[:bsz, :, :ng], g), dtype)
-        vc = kq.unpack_codes(self.v_codes[:bsz, :, :n], self.bits)
-        v = kq.dequantize_asymmetric(vc, kq.expand_per_token_group(self.v_scale[:bsz, :, :n], g),
-                                     kq.expand_per_token_group(self.v_zero[:bsz, :, :n], g), dtype)
-        return k, v
+        n, ng = self.n_groups * self.evict_block, self.n_groups
+        # Token-indexed buffers keep their first n rows; per-group key parameters their first ng.
+        rows = (n, ng if self.bits != 8 else n, ng, n, n, n)
+        body = self.body(bsz)
+        body = body.with_tensors(t if t is None else t[:, :, :r] for t, r in zip(body.tensors(), rows))
+        return kq.dequantize_body(body, dtype)
 
     def n_quantized(self, pos: torch.Tensor) -> torch.Tensor:
         return self.n_evicted(pos)

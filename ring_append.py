@@ -50,15 +50,17 @@ def n_evicted(pos: torch.Tensor, sink: int, window: int, evict_block: int) -> to
 
 
 def ring_append_reference(pos, k, v, exact_k, exact_v, sink, window, evict_block,
-                          k_codes=None, k_scale=None, k_zero=None, v_codes=None, v_scale=None, v_zero=None, bits=8):
+                          k_codes=None, k_scale=None, k_zero=None, v_codes=None, v_scale=None, v_zero=None, bits=8,
+                          fp8=False):
     """PyTorch definition (in place on the buffers). pos: [1]; k, v: [B, Hkv, D] (RoPE applied);
     exact_k/v: [B, Hkv, sink + ring + 1, D]; the body, if any, laid out as in
-    decode_attention.QuantizedBody (zeros None for int8). Returns (exact slot valid [N] bool,
+    kv_quant.QuantizedBody (zeros None for int8 and fp8). Returns (exact slot valid [N] bool,
     body length [1])."""
     p = pos.reshape(())
     ring = window + evict_block - 1
     if k_codes is not None and bits == 8:
-        _quantize_leaving_token(p, exact_k, exact_v, sink, window, ring, k_codes, k_scale, v_codes, v_scale)
+        quantize = kv_quant.quantize_fp8_per_token if fp8 else kv_quant.quantize_symmetric_per_token
+        _quantize_leaving_token(p, exact_k, exact_v, sink, window, ring, k_codes, k_scale, v_codes, v_scale, quantize)
     elif k_codes is not None:
         _quantize_completed_group(p, exact_k, exact_v, sink, window, evict_block, bits,
                                   k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
@@ -69,15 +71,15 @@ def ring_append_reference(pos, k, v, exact_k, exact_v, sink, window, evict_block
     return held >= 0, n_evicted(pos, sink, window, evict_block)
 
 
-def _quantize_leaving_token(p, exact_k, exact_v, sink, window, ring, k_codes, k_scale, v_codes, v_scale):
-    """int8 (evict_block 1): the token leaving the window at this step, if any, into body row
-    leaving - sink."""
+def _quantize_leaving_token(p, exact_k, exact_v, sink, window, ring, k_codes, k_scale, v_codes, v_scale, quantize):
+    """int8 or fp8 (evict_block 1): the token leaving the window at this step, if any, into body
+    row leaving - sink."""
     leaving = p - window
     slot = slot_of(leaving.clamp(min=sink), sink, ring)
     row = (leaving - sink).clamp(min=0)
     keep = (leaving >= sink).reshape(1, 1, 1)
     for src, codes, scale in ((exact_k, k_codes, k_scale), (exact_v, v_codes, v_scale)):
-        c, s = kv_quant.quantize_symmetric_per_token(src[:, :, slot], scale.dtype)
+        c, s = quantize(src[:, :, slot], scale.dtype)
         codes[:, :, row] = torch.where(keep, c, codes[:, :, row])
         scale[:, :, row] = torch.where(keep, s, scale[:, :, row])
 
@@ -147,7 +149,7 @@ def _kernel():
         VALID, BODY_LEN,
         Hkv, N, sink, window, ring,
         D: tl.constexpr, G: tl.constexpr, HAS_BODY: tl.constexpr, BITS: tl.constexpr, SCALE_BITS: tl.constexpr,
-        N_PAD: tl.constexpr,
+        N_PAD: tl.constexpr, FP8: tl.constexpr,
     ):
         bh = tl.program_id(0)
         b = bh // Hkv
@@ -157,22 +159,28 @@ def _kernel():
         if HAS_BODY and BITS == 8:
             leaving = pos - window
             if leaving >= sink:
-                # kv_quant.quantize_symmetric_per_token of the leaving key row, then value row.
+                # kv_quant.quantize_symmetric_per_token (or quantize_fp8_per_token) of the leaving
+                # key row, then value row.
                 src = b * seb + h * seh + (sink + (leaving - sink) % ring) * sen
                 row = leaving - sink
+                QMAX: tl.constexpr = 448.0 if FP8 else 127.0  # kv_quant.FP8_MAX, INT8_MAX
                 for i in tl.static_range(2):
                     x = tl.load((EK if i == 0 else EV) + src + offs).to(tl.float32)
                     scale_ptr = (KS + b * kpb + h * kph + row * kpn) if i == 0 else (VS + b * vpb + h * vph + row * vpn)
                     absmax = tl.max(tl.abs(x), axis=0)
-                    s = (absmax * (1.0 / 127.0)).to(scale_ptr.dtype.element_ty)  # 127: kv_quant.INT8_MAX
-                    if s.to(tl.float32) * 127.0 < absmax:
+                    s = (absmax * (1.0 / QMAX)).to(scale_ptr.dtype.element_ty)
+                    if s.to(tl.float32) * QMAX < absmax:
                         s = _next_up(s, SCALE_BITS)
                     s = tl.where(s.to(tl.float32) == 0.0, 1.0, s.to(tl.float32)).to(scale_ptr.dtype.element_ty)
-                    # Round half to even (torch.round): |x / s| <= 127.5, so adding and taking away
-                    # 1.5 * 2**23 leaves the fp32 adder to round it.
-                    c = (tl.math.div_rn(x, s.to(tl.float32)) + 12582912.0) - 12582912.0
-                    c = tl.minimum(tl.maximum(c, -127.0), 127.0)
-                    tl.store((KC if i == 0 else VC) + b * scb + h * sch + row * scn + offs, c.to(tl.int8))
+                    c = tl.math.div_rn(x, s.to(tl.float32))
+                    if FP8:  # the nearest e4m3 value, ties to even, as PyTorch's cast; stored as its bits
+                        c = tl.minimum(tl.maximum(c, -QMAX), QMAX).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+                    else:
+                        # Round half to even (torch.round): |x / s| <= 127.5, so adding and taking
+                        # away 1.5 * 2**23 leaves the fp32 adder to round it.
+                        c = (c + 12582912.0) - 12582912.0
+                        c = tl.minimum(tl.maximum(c, -QMAX), QMAX).to(tl.int8)
+                    tl.store((KC if i == 0 else VC) + b * scb + h * sch + row * scn + offs, c)
                     tl.store(scale_ptr, s)
         if HAS_BODY and BITS != 8:
             past = pos - sink - window + 1  # non-sink tokens that have left the window
@@ -223,7 +231,7 @@ def _kernel():
 
 
 def _ring_append_triton(pos, k, v, exact_k, exact_v, sink, window, evict_block,
-                        k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits):
+                        k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, fp8):
     triton, kernel = _kernel()
     B, Hkv, N, D = exact_k.shape
     k, v = (x if x.stride(2) == 1 else x.contiguous() for x in (k, v))  # layouts inductor chose
@@ -243,7 +251,7 @@ def _ring_append_triton(pos, k, v, exact_k, exact_v, sink, window, evict_block,
         valid.view(torch.uint8), body_len,
         Hkv, N, sink, window, window + evict_block - 1,
         D=D, G=evict_block, HAS_BODY=has_body, BITS=bits, SCALE_BITS=k_scale.element_size() * 8,
-        N_PAD=triton.next_power_of_2(N),
+        N_PAD=triton.next_power_of_2(N), FP8=fp8,
         num_warps=4 if has_body and bits != 8 else 1,  # a KIVI group is a [G, D] tile, int8 one row
         # No multiply-add contraction: zero + scale * qmax must round twice, as in PyTorch.
         enable_fp_fusion=False,
@@ -258,20 +266,26 @@ def _ring_append_op(
     sink: int, window: int, evict_block: int,
     k_codes: Optional[torch.Tensor], k_scale: Optional[torch.Tensor], k_zero: Optional[torch.Tensor],
     v_codes: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], v_zero: Optional[torch.Tensor], bits: int,
+    fp8: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = _ring_append_triton if k.is_cuda else ring_append_reference
-    return fn(pos, k, v, exact_k, exact_v, sink, window, evict_block, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)
+    # Triton converts to e4m3 with the hardware's cvt, which an A100 (sm_80) does not have: there
+    # the fp8 write takes the PyTorch path (device ops only, so it still captures in a CUDA graph).
+    kernel = k.is_cuda and not (fp8 and torch.cuda.get_device_capability(k.device) < (8, 9))
+    fn = _ring_append_triton if kernel else ring_append_reference
+    return fn(pos, k, v, exact_k, exact_v, sink, window, evict_block, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+              bits, fp8)
 
 
 @_ring_append_op.register_fake
-def _(pos, k, v, exact_k, exact_v, sink, window, evict_block, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits):
+def _(pos, k, v, exact_k, exact_v, sink, window, evict_block, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits,
+      fp8):
     return exact_k.new_empty(exact_k.shape[2], dtype=torch.bool), torch.empty_like(pos)
 
 
 def ring_append(pos, k, v, exact_k, exact_v, sink, window, evict_block, body=None):
     """Write one new token per sequence (k, v [B, Hkv, D]) at position `pos` ([1], on the device)
-    into the exact slots; with body (a decode_attention.QuantizedBody whose buffers it writes),
-    first quantize what leaves the window at this step: the leaving token (int8, evict_block 1) or
+    into the exact slots; with body (a kv_quant.QuantizedBody whose buffers it writes), first
+    quantize what leaves the window at this step: the leaving token (int8/fp8, evict_block 1) or
     the group it completes (KIVI, evict_block = group_size). Returns (valid [N] bool, body_len [1])."""
     B, Hkv, N, D = exact_k.shape
     if k.shape != (B, Hkv, D) or v.shape != k.shape:
@@ -286,13 +300,12 @@ def ring_append(pos, k, v, exact_k, exact_v, sink, window, evict_block, body=Non
     if k.is_cuda and body is not None and not _kernel_takes(body, D):
         raise ValueError("ring_append: the kernel needs k and v codes alike, each scale like its zero, rows contiguous, "
                          "and a KIVI group size that is a power of two dividing the head dim")
-    args = (None,) * 6 + (8,) if body is None else (
-        body.k_codes, body.k_scale, body.k_zero, body.v_codes, body.v_scale, body.v_zero, body.bits)
+    args = (None,) * 6 + (8, False) if body is None else (*body.tensors(), body.bits, body.fp8)
     return _ring_append_op(pos, k, v, exact_k, exact_v, sink, window, evict_block, *args)
 
 
 def _kernel_takes(body, D: int) -> bool:
-    tensors = [t for t in body[2:] if t is not None]
+    tensors = [t for t in body.tensors() if t is not None]
     alike = body.k_codes.stride() == body.v_codes.stride() and all(t.stride(3) == 1 for t in tensors)
     if body.bits == 8:
         return alike

@@ -94,7 +94,7 @@ class SinkWindowCache(KVCache):
         does it in its kernel."""
 
     def body(self, bsz: int):
-        """The quantized body (decode_attention.QuantizedBody) that a decode step's ring_append
+        """The quantized body (kv_quant.QuantizedBody) that a decode step's ring_append
         quantizes what leaves the window into; None when nothing is kept past it (compress_kv)."""
         return None
 

@@ -11,6 +11,7 @@ from kv_cache import FullCache
 from quantize_kv import BITS, QuantizedCache
 
 KIVI_GROUP_DEFAULT = 32
+BIT_CHOICES = [str(b) for b in BITS] + ["fp8"]  # --bits fp8: 8-bit codes in e4m3 instead of int8
 
 
 def _positive(name: str):
@@ -39,8 +40,9 @@ def _compress_options(sub: argparse.ArgumentParser) -> None:
 
 def _quantize_options(sub: argparse.ArgumentParser) -> None:
     _sink_and_window(sub)
-    sub.add_argument("--bits", type=int, choices=BITS, default=8,
-                     help="8: int8, one scale per token and head; 4/2: KIVI (keys per channel, values per token)")
+    sub.add_argument("--bits", choices=BIT_CHOICES, default="8",
+                     help="8: int8 and fp8: fp8 e4m3 (the fp8 KV cache of vLLM and TensorRT-LLM), each with one "
+                          "scale per token and head; 4/2: KIVI (keys per channel, values per token)")
     # No default here: --bits 8 has no groups, and a group given with it is a mistake to report.
     sub.add_argument("--group_size", type=_positive("--group_size"), default=None,
                      help=f"bits 4/2 only: tokens per key group and channels per value group "
@@ -59,7 +61,7 @@ STRATEGIES = {
     "full": Strategy("every token, in the model's dtype (the default)", FullCache, lambda sub: None, ()),
     "compress_kv": Strategy("keep sink + sliding window, drop the middle (StreamingLLM)", CompressedCache,
                             _compress_options, ("sink_size", "window_size", "rope")),
-    "quantize_kv": Strategy("keep sink + window exact, quantize older tokens (int8, KIVI int4/int2)", QuantizedCache,
+    "quantize_kv": Strategy("keep sink + window exact, quantize older tokens (int8, fp8, KIVI int4/int2)", QuantizedCache,
                             _quantize_options, ("sink_size", "window_size", "bits", "group_size")),
 }
 
@@ -70,10 +72,13 @@ def strategy_settings(args: argparse.Namespace) -> dict:
     name = getattr(args, "strategy", None) or "full"
     settings = {"strategy": name, **{n: getattr(args, n) for n in STRATEGIES[name].options}}
     if name == "quantize_kv":
+        if settings["bits"] == "fp8":
+            settings.update(bits=8, fp8=True)
+        settings["bits"] = int(settings["bits"])
         if settings["bits"] == 8:
             if settings.pop("group_size") is not None:
-                raise ValueError("--group_size sets the KIVI groups of --bits 4 and 2; --bits 8 keeps one scale "
-                                 "per token and head, so drop --group_size or pick --bits 4/2")
+                raise ValueError("--group_size sets the KIVI groups of --bits 4 and 2; --bits 8 and fp8 keep one "
+                                 "scale per token and head, so drop --group_size or pick --bits 4/2")
         elif settings["group_size"] is None:
             settings["group_size"] = KIVI_GROUP_DEFAULT
     return settings

@@ -1,4 +1,4 @@
-"""Decode-step speed of every cache strategy against the memory roofline.
+r"""Decode-step speed of every cache strategy against the memory roofline.
 
     python -m scripts.benchmark --model llama-3.1-8b --batch_sizes 1 8 --contexts 1024 8192 32768 \
         --long_context 131072 --out outputs/benchmark_8b.json
@@ -14,8 +14,9 @@ and the step reads the current position from a device tensor. For each context:
   - floor: the bytes the step must read (every weight once plus the valid part of every cache
     buffer) over the copy bandwidth measured here;
   - on CUDA, every kernel of the step with its calls and microseconds (busy_ms: their sum).
-Writes JSON (every figure, the command, commit and device) and a PNG of step time vs context.
---layers N keeps N of the preset's layers, for quick kernel studies.
+Writes JSON (every figure, the command, commit and device) and a PNG of step time vs context
+next to it; neither ever replaces an existing file. --layers N keeps N of the preset's layers, for
+quick kernel studies. On the CPU (fp32) no bandwidth is measured, so there is no floor.
 
 Tensor parallel: `torchrun --standalone --nproc_per_node 2 -m scripts.benchmark ...` shards the
 random model with tp.py; every rank times its own step (they run in lockstep), rank 0 writes. The
@@ -31,22 +32,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
+from atomic_write import write_atomically
 import tp
-from generate import compiled_step, pick_device
-from model import ModelArgs, Transformer
+from generate import UserError, compiled_step, pick_device
+from model import PRESETS, ModelArgs, Transformer
 from strategies import cache_factory, check_settings
 
 STRATEGY_SETTINGS = {
     "full": {"strategy": "full"},
     "compress_kv": {"strategy": "compress_kv", "rope": "streaming"},
     "int8": {"strategy": "quantize_kv", "bits": 8},
+    "fp8": {"strategy": "quantize_kv", "bits": 8, "fp8": True},
     "int4": {"strategy": "quantize_kv", "bits": 4},
     "int2": {"strategy": "quantize_kv", "bits": 2},
 }
 BODY_BUFFERS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+CACHE_MARGIN = 8  # cache positions beyond the longest context (each timed step writes at its context)
 
 
 def random_model(preset: str, device: str, dtype: torch.dtype, n_layer: int = 0) -> Transformer:
@@ -75,6 +80,8 @@ def fill_caches(model: Transformer) -> None:
                     buf.uniform_(0.01, 0.05)
                 elif buf.dtype == torch.int8:
                     buf.random_(-127, 128)
+                elif getattr(cache, "fp8", False) and name.endswith("codes"):  # e4m3 bits: no NaN patterns
+                    buf.copy_(torch.randn(buf.shape, device=buf.device).mul_(64).to(torch.float8_e4m3fn).view(torch.uint8))
                 elif buf.dtype == torch.uint8:
                     buf.random_(0, 256)
                 else:
@@ -167,16 +174,36 @@ def kernel_table(step, model, x, input_pos, n_steps: int = 10) -> dict:
     return {"busy_ms": busy_us / 1000, "kernels": kernels}
 
 
-def bench_config(model, batch, name, args, device, bandwidth) -> list[dict]:
-    cuda = device.startswith("cuda")
-    contexts = list(args.contexts) + ([args.long_context] if batch == 1 and args.long_context else [])
+def strategy_settings(name: str, args) -> dict:
     settings = dict(STRATEGY_SETTINGS[name])
     if settings["strategy"] != "full":
         settings.update(sink_size=args.sink_size, window_size=args.window_size)
     if settings["strategy"] == "quantize_kv":
         settings["group_size"] = args.group_size
-    max_seq = max(contexts) + 8
-    check_settings(settings, model.config.head_dim, max_seq, device.split(":")[0])
+    return settings
+
+
+def run_config(model, batch, name, args, device, bandwidth) -> tuple[list[dict], Optional[str]]:
+    """bench_config's rows, or why this (batch, strategy) was skipped: settings that do not fit
+    the model, or caches too large for the device. Anything else is a bug and propagates."""
+    contexts = list(args.contexts) + ([args.long_context] if batch == 1 and args.long_context else [])
+    settings = strategy_settings(name, args)
+    try:
+        check_settings(settings, model.config.head_dim, max(contexts) + CACHE_MARGIN, device.split(":")[0])
+    except ValueError as e:
+        return [], str(e)
+    try:
+        return bench_config(model, batch, name, settings, contexts, args, device, bandwidth), None
+    except torch.cuda.OutOfMemoryError as e:
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+        return [], f"out of memory: {e}"[:300]
+
+
+def bench_config(model, batch, name, settings, contexts, args, device, bandwidth) -> list[dict]:
+    cuda = device.startswith("cuda")
+    max_seq = max(contexts) + CACHE_MARGIN
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     model.setup_caches(batch, max_seq, cache_factory(settings))
@@ -211,9 +238,10 @@ def bench_config(model, batch, name, args, device, bandwidth) -> list[dict]:
             if cuda:
                 row.update(kernel_table(step, model, x, input_pos))
             rows.append(row)
-            print(f"  batch {batch:2d} ctx {ctx:6d} {name:11s} {ms:8.3f} ms/step  back to back {row['ms_per_step_back_to_back']:8.3f}  floor {row['floor_ms'] or 0:7.3f} ms"
-                  f"  ({(row['roofline_fraction'] or 0):.0%} of roofline)"
-                  + (f"  kernels busy {row['busy_ms']:.3f} ms" if cuda else ""), flush=True)
+            floor = f"floor {row['floor_ms']:7.3f} ms  ({row['roofline_fraction']:.0%} of roofline)" if bandwidth else "floor n/a"
+            busy = f"  kernels busy {row['busy_ms']:.3f} ms" if cuda else ""
+            print(f"  batch {batch:2d} ctx {ctx:6d} {name:11s} {ms:8.3f} ms/step  back to back "
+                  f"{row['ms_per_step_back_to_back']:8.3f}  {floor}{busy}", flush=True)
         if cuda:
             peak = torch.cuda.max_memory_allocated()
             for row in rows:
@@ -259,32 +287,78 @@ def git_commit() -> str:
     return r.stdout.strip() or "unknown"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-3.1-8b", help="preset whose shapes are benchmarked")
-    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
-    p.add_argument("--long_context", type=int, default=131072, help="extra context at batch 1 (0 to skip)")
-    p.add_argument("--layers", type=int, default=0, help="keep only this many of the preset's layers (kernel studies; 0 = all)")
-    p.add_argument("--strategies", nargs="+", choices=list(STRATEGY_SETTINGS), default=list(STRATEGY_SETTINGS))
-    p.add_argument("--sink_size", type=int, default=16)
-    p.add_argument("--window_size", type=int, default=32)
-    p.add_argument("--group_size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default=None)
-    p.add_argument("--no_compile", dest="compile", action="store_false", help="eager decode (CPU smoke runs)")
-    p.add_argument("--out", type=Path, default=Path("outputs/benchmark.json"))
-    args = p.parse_args()
+    p.add_argument("--model", default="llama-3.1-8b",
+                   help=f"preset whose shapes are benchmarked: {', '.join(PRESETS)} (default: %(default)s)")
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768],
+                   help="context lengths timed at every batch size (default: 1024 8192 32768)")
+    p.add_argument("--long_context", type=int, default=131072, help="extra context at batch 1, 0 to skip (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=0,
+                   help="keep only this many of the preset's layers, for kernel studies; 0 = all (default: %(default)s)")
+    p.add_argument("--strategies", nargs="+", choices=list(STRATEGY_SETTINGS), default=list(STRATEGY_SETTINGS),
+                   help=f"cache strategies (default: {' '.join(STRATEGY_SETTINGS)})")
+    p.add_argument("--sink_size", type=int, default=16, help="compress_kv and int* sink tokens (default: %(default)s)")
+    p.add_argument("--window_size", type=int, default=32, help="compress_kv and int* window tokens (default: %(default)s)")
+    p.add_argument("--group_size", type=int, default=32, help="KIVI group of int4/int2 (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=50, help="decode steps per timing (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timings per context; the median is reported (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--no_compile", dest="compile", action="store_false",
+                   help="eager decode step, for CPU smoke runs (default: compiled, with CUDA graphs on the GPU)")
+    p.add_argument("--out", type=Path, default=Path("outputs/benchmark.json"),
+                   help="results JSON, never overwritten; the PNG goes next to it (default: %(default)s)")
+    return p
+
+
+def check_args(args) -> None:
+    """Bad input as one line, before anything is allocated."""
     try:
-        device = tp.init(pick_device(args.device))  # under torchrun: cuda:LOCAL_RANK, process group joined
-    except Exception as e:
+        ModelArgs.from_name(args.model)
+    except ValueError as e:
+        raise UserError(f"{e}; pass one of them as --model")
+    smallest = {"batch_sizes": min(args.batch_sizes), "contexts": min(args.contexts), "steps": args.steps,
+                "repeats": args.repeats}
+    for name, value in smallest.items():
+        if value <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("long_context", "layers"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be 0 or more, got {getattr(args, name)}")
+
+
+def check_out(out: Path) -> None:
+    """Results are never overwritten: neither the JSON nor the PNG beside it may exist yet."""
+    for path in (out, out.with_suffix(".png")):
+        if path.exists():
+            raise UserError(f"{path} exists; pass another --out (results are never overwritten)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where the folder should be, no permission
+        raise UserError(f"cannot make the folder {out.parent} for --out ({e.strerror}); pass another --out")
+
+
+def join_launch(device: str) -> str:
+    """tp.init: under torchrun, cuda:LOCAL_RANK with the process group joined. Its ValueError (a
+    launch that cannot work: more ranks than GPUs) is the user's; anything else is a bug of ours."""
+    try:
+        return tp.init(device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        device = join_launch(pick_device(args.device))
+        if tp.is_main():
+            check_out(args.out)
+    except UserError as e:
         sys.exit(f"error: {e}")
     if not tp.is_main():
         sys.stdout = open(os.devnull, "w")
-    elif args.out.exists():
-        sys.exit(f"error: {args.out} exists; pass another --out (results are never overwritten)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
 
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -303,19 +377,14 @@ def main() -> None:
     }
     for batch in args.batch_sizes:
         for name in args.strategies:
-            try:
-                result["rows"] += bench_config(model, batch, name, args, device, bandwidth)
-            except ValueError as e:  # settings that do not fit this model (check_settings)
-                result["errors"].append({"batch": batch, "strategy": name, "error": str(e)})
-                print(f"  batch {batch} {name}: skipped: {e}", flush=True)
-            except torch.cuda.OutOfMemoryError as e:
-                result["errors"].append({"batch": batch, "strategy": name, "error": f"out of memory: {e}"[:300]})
-                print(f"  batch {batch} {name}: out of memory", flush=True)
-                torch._dynamo.reset()
-                gc.collect()
-                torch.cuda.empty_cache()
+            rows, error = run_config(model, batch, name, args, device, bandwidth)
+            result["rows"] += rows
+            if error:
+                result["errors"].append({"batch": batch, "strategy": name, "error": error})
+                print(f"  batch {batch} {name}: skipped: {error}", flush=True)
             if tp.is_main():
-                args.out.write_text(json.dumps(result, indent=1))
+                text = json.dumps(result, indent=1)
+                write_atomically(args.out, lambda tmp: tmp.write_text(text))
     if tp.is_main():
         plot(result["rows"], args.out.with_suffix(".png"))
         print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

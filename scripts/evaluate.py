@@ -3,7 +3,7 @@
     python -m scripts.evaluate [--checkpoint_path ...] [--device cpu] [--quick] [--out outputs/eval.json]
 
 Strategies: full; compress_kv (sink 16; windows 32, --large_window, 512; streaming and original
-RoPE at window 32); quantize_kv bits 8/4/2 (sink 16; windows 32, --large_window, 512). Cells:
+RoPE at window 32); quantize_kv int8/fp8/int4/int2 (sink 16; windows 32, --large_window, 512). Cells:
   ppl     streaming perplexity over the first --ppl_tokens tokens of the text (+ top-1 agreement
           with the full cache under teacher forcing, from the same pass)
   long    compress_kv over --long_tokens tokens, past the model's context, per --segment tokens
@@ -18,17 +18,18 @@ outputs/eval_table.md) next to it. --quick is a smoke run of a few seconds per c
 import argparse
 import hashlib
 import json
-import os
 import platform
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
 
+from atomic_write import write_atomically
 import evaluation as ev
 from generate import UserError, kv_stats, load_model, load_tokenizer, pick_device, pick_dtype, resolve_checkpoint, setup
 from kv_cache import full_cache_nbytes
@@ -44,8 +45,15 @@ def compress(window: int, rope: str = "streaming") -> dict:
     return {"strategy": "compress_kv", "sink_size": SINK, "window_size": window, "rope": rope}
 
 
-def quantize(window: int, bits: int) -> dict:
+def quantize(window: int, bits) -> dict:
+    """bits 8, 4, 2 or "fp8"."""
+    if bits == "fp8":
+        return {"strategy": "quantize_kv", "sink_size": SINK, "window_size": window, "bits": 8, "fp8": True}
     return {"strategy": "quantize_kv", "sink_size": SINK, "window_size": window, "bits": bits, "group_size": 32}
+
+
+def format_name(s: dict) -> str:
+    return "fp8" if s.get("fp8") else f"int{s['bits']}"
 
 
 def label(s: dict) -> str:
@@ -54,19 +62,23 @@ def label(s: dict) -> str:
     if s["strategy"] == "compress_kv":
         rope = "" if s["rope"] == "streaming" else " rope=original"
         return f"compress_kv s{s['sink_size']} w{s['window_size']}{rope}"
-    return f"quantize_kv int{s['bits']} s{s['sink_size']} w{s['window_size']}"
+    return f"quantize_kv {format_name(s)} s{s['sink_size']} w{s['window_size']}"
 
 
 def row_name(s: dict) -> str:
-    return {"full": "Full", "compress_kv": "Compressed"}.get(s["strategy"]) or f"Quantized int{s['bits']}"
+    return {"full": "Full", "compress_kv": "Compressed"}.get(s["strategy"]) or f"Quantized {format_name(s)}"
 
 
 def generate_options(s: dict) -> str:
     """The generate.py subcommand that selects this cache."""
     if s["strategy"] == "full":
         return "(none)"
-    opts = " ".join(f"--{k} {v}" for k, v in s.items() if k != "strategy")
-    return f"{s['strategy']} {opts}"
+    opts = {k: v for k, v in s.items() if k not in ("strategy", "fp8")}
+    if s.get("bits") == 8:  # one scale per token: no groups to name
+        opts.pop("group_size", None)
+    if s.get("fp8"):
+        opts["bits"] = "fp8"
+    return f"{s['strategy']} " + " ".join(f"--{k} {v}" for k, v in opts.items())
 
 
 def cell_key(kind: str, settings: dict, **params) -> str:
@@ -76,26 +88,32 @@ def cell_key(kind: str, settings: dict, **params) -> str:
 # -- sizes ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint_path", type=Path, default=None, help="model.pth (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--model_name", default=None, help="preset name when the checkpoint folder's name does not say it")
-    p.add_argument("--device", default=None, help="cuda when available, else cpu")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--text_file", type=Path, default=None, help="evaluation text (default: Python's pydoc_data.topics)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON; plots and the table go next to it")
+    p.add_argument("--checkpoint_path", type=Path, default=None,
+                   help="model.pth (default: the embedded SmolLM2-135M-Instruct, in checkpoints/ next to the code)")
+    p.add_argument("--model_name", default=None,
+                   help="preset name when the checkpoint folder's name does not say it (default: the folder's name)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="weights and caches (default: %(default)s = bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--text_file", type=Path, default=None,
+                   help="UTF-8 evaluation text (default: Python's documentation, pydoc_data.topics)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="results JSON; plots and the table go next to it (default: %(default)s)")
     p.add_argument("--fresh", action="store_true", help="ignore finished cells in --out and redo everything")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes (overrides the size options)")
-    p.add_argument("--large_window", type=int, default=128, help="the table's second window size (default 128)")
-    p.add_argument("--chunk", type=int, default=256, help="tokens per forward for perplexity and prefill")
-    p.add_argument("--ppl_tokens", type=int, default=2048, help="perplexity text length for the table")
-    p.add_argument("--long_tokens", type=int, default=16384, help="compress_kv text length past the context (0: skip)")
-    p.add_argument("--segment", type=int, default=1024, help="tokens per perplexity segment of the long run")
-    p.add_argument("--passages", type=int, default=3, help="held-out passages for continuations")
-    p.add_argument("--prompt_tokens", type=int, default=512, help="passage prompt length")
-    p.add_argument("--new_tokens", type=int, default=200, help="greedy tokens per continuation")
-    p.add_argument("--needle_lengths", default="512,1024,2048", help="comma-separated context lengths")
-    p.add_argument("--needle_depths", default="0,0.25,0.5,0.75,1", help="comma-separated depths in [0, 1]")
-    p.add_argument("--needles", type=int, default=2, help="needles per (length, depth) cell")
-    p.add_argument("--needle_digits", type=int, default=7, help="digits of the magic number (RULER uses 7)")
+    p.add_argument("--large_window", type=int, default=128, help="the table's second window size (default: %(default)s)")
+    p.add_argument("--chunk", type=int, default=256, help="tokens per forward for perplexity and prefill (default: %(default)s)")
+    p.add_argument("--ppl_tokens", type=int, default=2048, help="perplexity text length for the table (default: %(default)s)")
+    p.add_argument("--long_tokens", type=int, default=16384,
+                   help="compress_kv text length past the context, 0 to skip (default: %(default)s)")
+    p.add_argument("--segment", type=int, default=1024, help="tokens per perplexity segment of the long run (default: %(default)s)")
+    p.add_argument("--passages", type=int, default=3, help="held-out passages for continuations (default: %(default)s)")
+    p.add_argument("--prompt_tokens", type=int, default=512, help="passage prompt length (default: %(default)s)")
+    p.add_argument("--new_tokens", type=int, default=200, help="greedy tokens per continuation (default: %(default)s)")
+    p.add_argument("--needle_lengths", default="512,1024,2048", help="comma-separated context lengths (default: %(default)s)")
+    p.add_argument("--needle_depths", default="0,0.25,0.5,0.75,1", help="comma-separated depths in [0, 1] (default: %(default)s)")
+    p.add_argument("--needles", type=int, default=2, help="needles per (length, depth) cell (default: %(default)s)")
+    p.add_argument("--needle_digits", type=int, default=7, help="digits of the magic number, RULER uses 7 (default: %(default)s)")
     return p
 
 
@@ -123,17 +141,37 @@ def parse_sizes(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # -- resumable store --------------------------------------------------------------------------------
+def read_results(path: Path, fresh: bool) -> Optional[dict]:
+    """What an earlier run left in --out (None: a new file, or --fresh). Checked before the model
+    is loaded, so a wrong --out fails at once; the folder it goes in is made here."""
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder; pass a file name, e.g. --out {path / 'eval.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder should be, no permission
+        raise UserError(f"cannot make the folder {path.parent} for --out ({e.strerror}); pass another --out")
+    if fresh or not path.exists():
+        return None
+    not_results = UserError(f"{path} is not a results file of this script; pass --fresh to overwrite it or another --out")
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise not_results from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}); pass another --out") from None
+    if not (isinstance(old, dict) and isinstance(old.get("cells"), dict) and isinstance(old.get("runs", []), list)):
+        raise not_results
+    return old
+
+
 class CellStore:
     """Finished cells in one JSON file, rewritten atomically after each cell."""
 
-    def __init__(self, path: Path, context: dict, fresh: bool) -> None:
+    def __init__(self, path: Path, context: dict, old: Optional[dict]) -> None:
+        """old: read_results(path); its cells are reused when they come from the same context."""
         self.path, self.context = path, context
         self.data = {"context": context, "cells": {}}
-        if path.exists() and not fresh:
-            try:
-                old = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise UserError(f"{path} is not a results file; pass --fresh to overwrite it or another --out")
+        if old is not None:
             if old.get("context") != context:
                 raise UserError(f"{path} holds results of another model, text, device or precision; "
                                 f"pass --fresh to redo them or another --out")
@@ -152,10 +190,8 @@ class CellStore:
         return value
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        text = json.dumps(self.data, indent=1)
+        write_atomically(self.path, lambda tmp: tmp.write_text(text))
 
 
 def git_commit() -> str:
@@ -475,10 +511,10 @@ def sweep(args) -> tuple[list, list, list]:
     windows = [32, args.large_window]
     table_rows = [FULL]
     for w in windows:
-        table_rows += [compress(w), quantize(w, 8), quantize(w, 4), quantize(w, 2)]
+        table_rows += [compress(w), quantize(w, 8), quantize(w, "fp8"), quantize(w, 4), quantize(w, 2)]
     extra = [compress(32, "original")]
     if not args.quick:
-        extra += [compress(512)] + [quantize(512, b) for b in (8, 4, 2)]
+        extra += [compress(512)] + [quantize(512, b) for b in (8, "fp8", 4, 2)]
     ppl_rows = table_rows + [s for s in extra if s not in table_rows]
     long_rows = []
     if args.long_tokens > 0:
@@ -488,6 +524,13 @@ def sweep(args) -> tuple[list, list, list]:
 
 def run(args: argparse.Namespace) -> dict:
     args = parse_sizes(args)
+    old_results = read_results(args.out, args.fresh)
+    if args.text_file is not None and not args.text_file.is_file():
+        raise UserError(f"--text_file {args.text_file} not found")
+    try:
+        text = ev.load_corpus(args.text_file)
+    except UnicodeDecodeError as e:
+        raise UserError(f"--text_file {args.text_file} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8")
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
     args.dtype = str(dtype)
@@ -495,9 +538,6 @@ def run(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(checkpoint)
     model = load_model(checkpoint, device, dtype, args.model_name)
     config = model.config
-    if args.text_file is not None and not args.text_file.is_file():
-        raise UserError(f"--text_file {args.text_file} not found")
-    text = ev.load_corpus(args.text_file)
     ids = tokenizer.encode(text)
     need = max(args.ppl_tokens, args.long_tokens, max(args.needle_lengths))
     if len(ids) < need:
@@ -508,7 +548,7 @@ def run(args: argparse.Namespace) -> dict:
 
     context = {"checkpoint": str(checkpoint), "text": str(args.text_file or "pydoc_data.topics"),
                "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "device": device, "dtype": args.dtype}
-    store = CellStore(args.out, context, args.fresh)
+    store = CellStore(args.out, context, old_results)
     evaluator = Evaluator(args, model, tokenizer, ids, device, store)
     table_rows, ppl_rows, long_rows = sweep(args)
 

@@ -38,11 +38,15 @@ def compress(sink, window, rope="streaming"):
 
 
 def quantize(sink, window, bits=8, group=16):
+    """bits 8, 4, 2 or "fp8"."""
+    if bits == "fp8":
+        return {"strategy": "quantize_kv", "sink_size": sink, "window_size": window, "bits": 8, "fp8": True}
     return {"strategy": "quantize_kv", "sink_size": sink, "window_size": window, "bits": bits, "group_size": group}
 
 
 FULL = {"strategy": "full"}
-ALL_SMALL = [compress(4, 8), compress(4, 8, "original"), quantize(4, 8, 8), quantize(4, 8, 4), quantize(4, 8, 2)]
+ALL_SMALL = [compress(4, 8), compress(4, 8, "original"), quantize(4, 8, 8), quantize(4, 8, "fp8"), quantize(4, 8, 4),
+             quantize(4, 8, 2)]
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-mha"])

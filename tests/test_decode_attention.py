@@ -6,22 +6,18 @@ Tolerances (relative norm ||out - ref|| / ||ref||):
 - reference vs float64 on bf16 inputs: 1e-2. The reference rounds its output to bf16 (2**-9
   relative per element).
 - kernel vs reference (GPU, bf16): 1e-2. The kernel feeds P (and for KIVI the dequantized keys
-  and values, each rounded once to bf16) to the tensor cores in bf16 and rounds the output to
-  bf16; each is a 2**-9 relative rounding, and they average out over the sum.
+  and values, each rounded once to bf16) to the tensor cores in bf16, or for int8/fp8 q and P in
+  fp16 (2**-11), and rounds the output to bf16; each is a 2**-9 relative rounding at worst, and
+  they average out over the sum.
 """
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # The Triton interpreter check below needs this before triton is first imported (the
-    # triton.language helpers are jit functions, interpreted or not from their import on).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import kv_quant  # noqa: E402
-from decode_attention import QuantizedBody, decode_attention, decode_attention_reference  # noqa: E402
+import kv_quant
+from decode_attention import decode_attention, decode_attention_reference
+from kv_quant import QuantizedBody
 
 CUDA = torch.cuda.is_available()
 
@@ -36,6 +32,10 @@ def make_body(B, Hkv, L, D, bits, group_size, dtype, device="cpu", gen=None):
 
     k = randn(B, Hkv, L, D) * 2 + 0.5  # keys: channel offsets
     v = randn(B, Hkv, L, D)
+    if bits == "fp8":
+        kc, ks = kv_quant.quantize_fp8_per_token(k, dtype)
+        vc, vs = kv_quant.quantize_fp8_per_token(v, dtype)
+        return QuantizedBody(8, group_size, kc, ks, None, vc, vs, None, fp8=True)
     if bits == 8:
         kc, ks = kv_quant.quantize_symmetric_per_token(k, dtype)
         vc, vs = kv_quant.quantize_symmetric_per_token(v, dtype)
@@ -60,6 +60,9 @@ def _unpack64(packed, bits):
 
 
 def _dequant64(body):
+    if body.fp8:
+        k, v = (kv_quant.fp8_codes_as_float(c).double() for c in (body.k_codes, body.v_codes))
+        return k * body.k_scale.double(), v * body.v_scale.double()
     if body.bits == 8:
         return (body.k_codes.double() * body.k_scale.double(), body.v_codes.double() * body.v_scale.double())
     g = body.group_size
@@ -119,6 +122,7 @@ CPU_CASES = [
     (2, 2, 1, 64, 50, 37, False, None, 0, 0, 0),
     (1, 3, 3, 64, 100, 100, True, None, 0, 0, 0),
     (2, 2, 4, 128, 70, 61, True, 8, 32, 96, 77),
+    (1, 2, 4, 64, 30, 30, False, "fp8", 1, 80, 61),
     (1, 3, 3, 64, 33, 5, False, 4, 32, 128, 96),
     (2, 1, 4, 128, 20, 20, True, 4, 16, 64, 50),
     (1, 2, 1, 128, 40, 0, False, 2, 64, 192, 130),
@@ -128,7 +132,7 @@ CPU_CASES = [
 
 @pytest.mark.parametrize("case", CPU_CASES)
 def test_reference_matches_float64(case):
-    args = _case(hash(case) % 1000, *case, dtype=torch.float32)
+    args = _case(CPU_CASES.index(case), *case, dtype=torch.float32)
     out = decode_attention_reference(*args)
     assert out.dtype == torch.float32 and out.shape == args[0].shape
     assert rel_err(out, oracle(*args)) < 1e-5
@@ -172,18 +176,18 @@ def test_bad_arguments_are_reported():
 
 def test_custom_op_registration():
     q, k, v, el, mask, body, bl = _case(5, 1, 2, 2, 64, 16, 9, True, 4, 32, 64, 40, torch.float32)
-    args = (q, k, v, el, mask, 4, 32, *body[2:], bl, 0.125)
+    args = (q, k, v, el, mask, 4, 32, False, *body.tensors(), bl, 0.125)
     torch.library.opcheck(torch.ops.kvcache.decode_attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU: the KIVI kernel under the Triton interpreter (TRITON_INTERPRET=1), where triton is installed
-# and there is no GPU. The interpreter is patched to do what the GPU does: bf16 dot operands
-# are bf16 values (it multiplies their bit patterns), fp32 -> bf16 rounds to nearest even (it
-# truncates), fp32 dot operands lose their 13 low mantissa bits as tf32 (truncation: the worse case),
-# int() of a loaded scalar works under numpy >= 2.4. With these, the exact-slot bf16 path
-# measures 2.4-2.5e-3 here, as on the H100 (notes/kernel.md).
+# CPU: the kernels under the Triton interpreter (TRITON_INTERPRET=1), where triton is installed
+# and there is no GPU; CI runs these. The interpreter is patched to do what the GPU does: bf16
+# dot operands are bf16 values (it multiplies their bit patterns), fp32 -> bf16 rounds to nearest
+# even (it truncates), fp32 dot operands lose their 13 low mantissa bits as tf32 (truncation: the
+# worse case), int() of a loaded scalar works under numpy >= 2.4. The 8-bit formats run their
+# portable conversions (the interpreter cannot run inline PTX).
 # ---------------------------------------------------------------------------------------------
 
 def _triton_missing():
@@ -203,12 +207,10 @@ def interpreter(monkeypatch):
     import triton.language as tl
     import triton.runtime.interpreter as ti
     from triton._C.libtriton import ir
-
-    import decode_attention as da
     from triton.runtime.interpreter import InterpretedFunction
 
     if not isinstance(tl.cdiv, InterpretedFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1: run this file alone")
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 (tests/conftest.py sets it)")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     orig_patch, orig_cast = ti._patch_lang_tensor, ti.InterpreterBuilder.cast_impl
 
@@ -222,7 +224,7 @@ def interpreter(monkeypatch):
                 return (x.data.astype(np.uint32) << 16).view(np.float32)
             if x.dtype.scalar == tl.float32 and input_precision == ir.INPUT_PRECISION.TF32:
                 return (x.data.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
-            return x.data
+            return x.data.astype(np.float32)  # fp16 operands: exact products, fp32 sums
         return ti.TensorHandle(np.matmul(value(a), value(b), dtype=d.data.dtype) + d.data, d.dtype.scalar)
 
     def cast_impl(self, src, dst_type):
@@ -234,13 +236,19 @@ def interpreter(monkeypatch):
     monkeypatch.setattr(ti, "_patch_lang_tensor", patch_tensor)
     monkeypatch.setattr(ti.InterpreterBuilder, "create_dot", create_dot)
     monkeypatch.setattr(ti.InterpreterBuilder, "cast_impl", cast_impl)
-    da._kernels.cache_clear()
-    yield da
-    da._kernels.cache_clear()
+    import decode_kernels
+
+    return decode_kernels
 
 
 INTERP_CASES = [
     # B, Hkv, n_rep, D, N, exact_len, mask, bits, G, L, body_len
+    (2, 2, 4, 128, 300, 201, False, None, 0, 0, 0),
+    (1, 3, 3, 64, 100, 100, True, None, 0, 0, 0),
+    (2, 2, 4, 128, 40, 33, True, 8, 1, 256, 203),
+    (1, 1, 3, 64, 20, 20, False, 8, 1, 128, 1),
+    (2, 2, 4, 128, 40, 33, True, "fp8", 1, 256, 203),
+    (1, 1, 1, 64, 20, 0, False, "fp8", 1, 192, 130),
     (1, 2, 4, 128, 40, 33, True, 4, 32, 256, 203),
     (2, 1, 3, 64, 20, 20, False, 4, 32, 128, 97),
     (1, 2, 1, 128, 24, 17, True, 2, 32, 192, 150),
@@ -256,17 +264,27 @@ INTERP_CASES = [
 @interp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", INTERP_CASES)
-def test_kivi_kernel_interpreted(interpreter, case, dtype):
-    """The portable KIVI path (the interpreter cannot run the bf16 path's inline PTX)."""
-    da = interpreter
+def test_kernels_interpreted(interpreter, case, dtype):
+    """Every format's kernel against the reference, on fresh inputs, output poisoned first."""
     q, k, v, el, mask, body, bl = _case(100 + INTERP_CASES.index(case), *case, dtype=dtype)
     ref = decode_attention_reference(q, k, v, el, mask, body, bl)
     out = torch.full_like(q, float("nan"))
-    da._decode_attention_triton(q, k, v, el, None if mask is None else mask.view(torch.uint8), body.bits,
-                                body.group_size, *body[2:], bl, q.shape[-1] ** -0.5, out=out)
+    interpreter.flash_decode(q, k, v, el, None if mask is None else mask.view(torch.uint8), body, bl,
+                             q.shape[-1] ** -0.5, out=out)
     assert torch.isfinite(out).all()
-    # fp32 inputs: the dots run in tf32 (as on the GPU), so not 1e-5.
+    # fp32 inputs: the dots run in tf32 (as on the GPU), or fp16 for the 8-bit codes, so not 1e-5.
     assert rel_err(out, ref) < 1e-2
+
+
+@interp
+@pytest.mark.parametrize("bits", [None, 8, "fp8", 4])
+def test_kernels_interpreted_with_nothing_valid(interpreter, bits):
+    """No valid slot and an empty body: zeros, as the reference gives (not just finite values)."""
+    q, k, v, el, mask, body, bl = _case(7, 1, 2, 4, 64, 32, 0, False, bits, 32 if bits == 4 else 1, 64, 0, torch.float32)
+    out = torch.full_like(q, float("nan"))
+    interpreter.flash_decode(q, k, v, el, None, body, bl, 0.125, out=out)
+    ref = decode_attention_reference(q, k, v, el, None, body, bl)
+    assert torch.equal(ref, torch.zeros_like(ref)) and torch.equal(out, ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,26 +294,22 @@ def test_kivi_kernel_interpreted(interpreter, case, dtype):
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA (the Triton kernel)")
 
 GPU_SHAPES = [(3, 3, 64), (8, 4, 128)]  # (Hkv, n_rep, D): the default model, Llama-3-8B
-GPU_BODY = [(None, 0), (8, 32), (4, 32), (4, 128), (2, 32), (2, 64)]  # (bits, group size)
+GPU_BODY = [(None, 0), (8, 1), ("fp8", 1), (4, 32), (4, 128), (2, 32), (2, 64)]  # (bits, group size)
 
 
-def _gpu_compare(case, kivi_asm=None):
-    from decode_attention import _decode_attention_triton
+def _gpu_compare(case):
+    from decode_kernels import flash_decode
 
     torch.manual_seed(0)
     q, k, v, el, mask, body, bl = _case(*case, dtype=torch.bfloat16, device="cuda")
     ref = decode_attention_reference(q, k, v, el, mask, body, bl)
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
-    flat = (None,) * 6 if body is None else body[2:]
-    _decode_attention_triton(q, k, v, el, None if mask is None else mask.view(torch.uint8),
-                             16 if body is None else body.bits, 1 if body is None else body.group_size,
-                             *flat, bl, q.shape[-1] ** -0.5, out=out, kivi_asm=kivi_asm)
+    flash_decode(q, k, v, el, None if mask is None else mask.view(torch.uint8), body, bl, q.shape[-1] ** -0.5, out=out)
     assert torch.isfinite(out).all()
     err = rel_err(out, ref)
     assert err < 1e-2, err
-    if kivi_asm is None:
-        public = decode_attention(q, k, v, el, mask, body, bl)  # the dispatching op, same launches
-        assert public.dtype == q.dtype and torch.equal(public, out)
+    public = decode_attention(q, k, v, el, mask, body, bl)  # the dispatching op, same launches
+    assert public.dtype == q.dtype and torch.equal(public, out)
     return err
 
 
@@ -326,31 +340,38 @@ def test_kernel_with_body(B, length, shape, body):
 
 
 @gpu
-@pytest.mark.parametrize("kivi_asm", [True, False], ids=["ptx", "portable"])
-@pytest.mark.parametrize("body", [(4, 32), (2, 32), (4, 128), (2, 128), (4, 64), (4, 16)])
+@pytest.mark.parametrize("switch", ["KIVI_ASM", "CONVERT_ASM"])
+@pytest.mark.parametrize("body", [(4, 32), (2, 32), (4, 128), (2, 128), (4, 64), (4, 16), (8, 1), ("fp8", 1)])
 @pytest.mark.parametrize("shape", GPU_SHAPES)
-def test_kernel_kivi_modes(shape, body, kivi_asm):
-    Hkv, n_rep, D = shape
-    bits, g = body
-    g = min(g, D)
-    _gpu_compare((3, 8, Hkv, n_rep, D, 96, 45, True, bits, g, 4224, 4097), kivi_asm)
+def test_kernel_portable_paths(shape, body, switch, monkeypatch):
+    """The PTX conversions switched off: the plain-cast paths (the interpreter's, an A100's fp8)."""
+    import decode_kernels
+
+    monkeypatch.setattr(decode_kernels, switch, False)
+    if switch == "CONVERT_ASM" or body[0] in (4, 2):
+        Hkv, n_rep, D = shape
+        bits, g = body
+        _gpu_compare((3, 8, Hkv, n_rep, D, 96, 45, True, bits, min(g, D), 4224, 4097))
 
 
 @gpu
-def test_kernel_ignores_slots_past_length():
-    q, k, v, el, mask, body, bl = _case(11, 2, 8, 4, 128, 512, 300, False, 4, 32, 1024, 500, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("bits", [8, "fp8", 4])
+def test_kernel_ignores_slots_past_length(bits):
+    g = 32 if bits == 4 else 1
+    q, k, v, el, mask, body, bl = _case(11, 2, 8, 4, 128, 512, 300, False, bits, g, 1024, 500, torch.bfloat16, "cuda")
     ref = decode_attention_reference(q, k, v, el, mask, body, bl)
     k[:, :, 300:] = float("nan")
     v[:, :, 300:] = float("nan")
     body.v_scale[:, :, 500:] = float("nan")
+    body.k_scale[:, :, 500 // g:] = float("nan") if bits != 4 else body.k_scale[:, :, 500 // g:]
     out = decode_attention(q, k, v, el, mask, body, bl)
     assert rel_err(out, ref) < 1e-2
     nothing = decode_attention(q, k, v, torch.zeros_like(el), None)
-    assert torch.isfinite(nothing).all()
+    assert torch.equal(nothing, torch.zeros_like(nothing))
 
 
 @gpu
-@pytest.mark.parametrize("bits", [None, 8, 2])
+@pytest.mark.parametrize("bits", [None, 8, "fp8", 2])
 def test_cuda_graph_replay_sees_length_grow(bits):
     q, k, v, el, mask, body, bl = _case(12, 8, 8, 4, 128, 4096, 100, False, bits, 32, 8192, 1000, torch.bfloat16, "cuda")
     if bl is None:

@@ -12,6 +12,7 @@ import generate
 import tp
 from default_model import GGUF_NAME
 from generate import build_parser
+from strategies import strategy_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,8 @@ def test_global_options_before_and_after_subcommand():
     a = p.parse_args(["--max_new_tokens", "7", "quantize_kv", "--bits", "4", "--temperature", "0"])
     b = p.parse_args(["quantize_kv", "--max_new_tokens", "7", "--bits", "4", "--temperature", "0"])
     for args in (a, b):
-        assert (args.max_new_tokens, args.bits, args.temperature, args.strategy) == (7, 4, 0.0, "quantize_kv")
+        assert (args.max_new_tokens, args.bits, args.temperature, args.strategy) == (7, "4", 0.0, "quantize_kv")
+        assert strategy_settings(args)["bits"] == 4
     # A subcommand must not reset what came before it to the defaults.
     c = p.parse_args(["--prompt", "hi", "compress_kv"])
     assert c.prompt == "hi" and c.rope == "streaming"
@@ -58,7 +60,7 @@ def test_global_options_before_and_after_subcommand():
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        (["quantize_kv", "--bits", "3"], ["invalid choice: 3"]),
+        (["quantize_kv", "--bits", "3"], ["invalid choice: '3'"]),
         (["compress_kv", "--window_size", "0"], ["--window_size must be positive"]),
         (["quantize_kv", "--sink_size", "-4"], ["--sink_size must be positive"]),
         (["--max_new_tokens", "0"], ["--max_new_tokens must be positive"]),
@@ -75,7 +77,7 @@ def test_bad_options(args, fragments, capsys):
 
 
 def test_bad_option_from_the_shell():
-    assert_one_line_error(cli("quantize_kv", "--bits", "3"), "invalid choice: 3")
+    assert_one_line_error(cli("quantize_kv", "--bits", "3"), "invalid choice: '3'")
 
 
 @pytest.mark.parametrize("name", ["../escape", "/tmp/x/run", "afile/run", "a/../../b"])

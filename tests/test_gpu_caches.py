@@ -23,9 +23,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 SETTINGS = [
     {"strategy": "full"},
     {"strategy": "compress_kv", "sink_size": 4, "window_size": 24, "rope": "streaming"},
-    {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 8, "group_size": 32},
+    {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 8},
     {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 4, "group_size": 32},
     {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 2, "group_size": 32},
+    {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 8, "fp8": True},
 ]
 
 

@@ -15,7 +15,7 @@ import kv_cache
 import quantize_kv
 import ring_append
 import sink_window
-from decode_attention import QuantizedBody
+from kv_quant import QuantizedBody
 from strategies import cache_factory
 from tests.test_caches import VOCAB, compress, quantize, run, tiny_model
 
@@ -27,7 +27,7 @@ def snapshot(cache):
 
 
 REFERENCE_SETTINGS = {
-    "compress": compress(4, 8), "int8": quantize(4, 8, 8), "int8-s3w5": quantize(3, 5, 8),
+    "compress": compress(4, 8), "int8": quantize(4, 8, 8), "int8-s3w5": quantize(3, 5, 8), "fp8": quantize(4, 8, "fp8"),
     "int4-g4": quantize(4, 8, 4, 4), "int4-s3w5-g8": quantize(3, 5, 4, 8), "int2-g8": quantize(4, 8, 2, 8),
     "int2-g16": quantize(4, 8, 2, 16),
 }
@@ -51,8 +51,7 @@ def test_reference_equals_cache_update(settings, dtype):
         cache.update(pos, k, v)
         body = None
         if "k_codes" in bufs:
-            body = QuantizedBody(cache.bits, cache.evict_block, bufs["k_codes"], bufs["k_scale"], bufs.get("k_zero"),
-                                 bufs["v_codes"], bufs["v_scale"], bufs.get("v_zero"))
+            body = cache.body(2).with_tensors(bufs.get(n) for n in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"))
         valid, body_len = ring_append.ring_append(pos, k[:, :, 0], v[:, :, 0], bufs["exact_k"], bufs["exact_v"],
                                                   cache.sink_size, cache.window_size, cache.evict_block, body)
         for name, buf in cache.named_buffers():
@@ -70,8 +69,8 @@ def use_kernel_path(monkeypatch):
         monkeypatch.setattr(module, "use_decode_kernel", lambda x: x.shape[2] == 1)
 
 
-@pytest.mark.parametrize("settings", [compress(4, 8), compress(4, 8, "original"), quantize(4, 8, 8), quantize(4, 8, 4),
-                                      quantize(4, 8, 2), quantize(3, 5, 2, 16)],
+@pytest.mark.parametrize("settings", [compress(4, 8), compress(4, 8, "original"), quantize(4, 8, 8), quantize(4, 8, "fp8"),
+                                      quantize(4, 8, 4), quantize(4, 8, 2), quantize(3, 5, 2, 16)],
                          ids=lambda s: "-".join(map(str, s.values())))
 def test_kernel_path_equals_pytorch_path(settings, monkeypatch):
     """Tolerance: fp32 both ways; they differ in summation order only (fp32 einsum softmax vs
@@ -110,6 +109,10 @@ def test_compiled_kernel_path_is_one_graph(settings, monkeypatch):
 
 def random_body(bits, B, Hkv, L, D, G, dtype, device):
     """A body of L tokens with random contents (what the kernel must leave alone is poisoned too)."""
+    if bits == "fp8":
+        codes = lambda: torch.randn(B, Hkv, L, D, device=device).mul(50).to(torch.float8_e4m3fn).view(torch.uint8)  # noqa: E731
+        return QuantizedBody(8, 1, codes(), torch.rand(B, Hkv, L, 1, device=device).to(dtype), None,
+                             codes(), torch.rand(B, Hkv, L, 1, device=device).to(dtype), None, fp8=True)
     if bits == 8:
         codes = lambda: torch.randint(-127, 128, (B, Hkv, L, D), dtype=torch.int8, device=device)  # noqa: E731
         return QuantizedBody(8, 1, codes(), torch.rand(B, Hkv, L, 1, device=device).to(dtype), None,
@@ -120,13 +123,13 @@ def random_body(bits, B, Hkv, L, D, G, dtype, device):
 
 
 @cuda
-@pytest.mark.parametrize("bits", [8, 4, 2, None], ids=["int8", "int4", "int2", "exact-only"])
+@pytest.mark.parametrize("bits", [8, "fp8", 4, 2, None], ids=["int8", "fp8", "int4", "int2", "exact-only"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("B,Hkv,D,sink,window,evict_block",
                          [(1, 8, 128, 4, 32, 1), (3, 2, 64, 16, 24, 1), (2, 4, 128, 4, 24, 32), (3, 2, 64, 16, 24, 16)])
 def test_triton_equals_reference(bits, dtype, B, Hkv, D, sink, window, evict_block):
-    if bits is not None and (bits == 8) != (evict_block == 1):
-        pytest.skip("int8 evicts single tokens, KIVI groups of evict_block")
+    if bits is not None and (bits in (8, "fp8")) != (evict_block == 1):
+        pytest.skip("int8 and fp8 evict single tokens, KIVI groups of evict_block")
     torch.manual_seed(1)
     n = sink + window + evict_block
     ek = torch.randn(B, Hkv, n, D, dtype=dtype, device="cuda") * 3
@@ -143,13 +146,13 @@ def test_triton_equals_reference(bits, dtype, B, Hkv, D, sink, window, evict_blo
         v = torch.randn(B, Hkv, D, dtype=dtype, device="cuda")
         k[0, 0, 0] = v[0, 0, :evict_block] = 0  # keep a zero key channel and value group: scale 1, codes 0
         ref_ek, ref_ev = ek.clone(), ev.clone()
-        ref_body = body and QuantizedBody(*body[:2], *(t if t is None else t.clone() for t in body[2:]))
-        args = (None,) * 6 + (8,) if body is None else (*ref_body[2:], bits)
+        ref_body = body and body.with_tensors(t if t is None else t.clone() for t in body.tensors())
+        args = (None,) * 6 + (8, False) if body is None else (*ref_body.tensors(), ref_body.bits, ref_body.fp8)
         want = ring_append.ring_append_reference(pos, k, v, ref_ek, ref_ev, sink, window, evict_block, *args)
         got = ring_append.ring_append(pos, k, v, ek, ev, sink, window, evict_block, body)
         assert torch.equal(ek, ref_ek) and torch.equal(ev, ref_ev), p
-        for name in QuantizedBody._fields[2:] if body else ():
-            assert getattr(body, name) is None or torch.equal(getattr(body, name), getattr(ref_body, name)), (p, name)
+        for got_t, want_t in zip(body.tensors(), ref_body.tensors()) if body else ():
+            assert got_t is None or torch.equal(got_t, want_t), p
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), p
 
 
@@ -167,12 +170,13 @@ def test_bad_arguments():
             ring_append.ring_append(torch.tensor([0]), k, k, ek4, ek4.clone(), 4, 8, 4, body)
 
 
-@pytest.mark.parametrize("bits,evict_block", [(8, 1), (4, 4), (2, 8)])
+@pytest.mark.parametrize("bits,evict_block", [(8, 1), ("fp8", 1), (4, 4), (2, 8)])
 def test_custom_op_registration(bits, evict_block):
     """The op declares what it mutates and has a fake (meta) implementation for torch.compile."""
     B, H, D, sink, window = 2, 2, 16, 4, 8
     n = sink + window + evict_block
     ek, ev = torch.randn(B, H, n, D), torch.randn(B, H, n, D)
     body = random_body(bits, B, H, 40, D, evict_block, torch.float32, "cpu")
-    args = (torch.tensor([27]), torch.randn(B, H, D), torch.randn(B, H, D), ek, ev, sink, window, evict_block, *body[2:], bits)
+    args = (torch.tensor([27]), torch.randn(B, H, D), torch.randn(B, H, D), ek, ev, sink, window, evict_block,
+            *body.tensors(), body.bits, body.fp8)
     torch.library.opcheck(torch.ops.kvcache.ring_append.default, args, test_utils=("test_schema", "test_faketensor"))

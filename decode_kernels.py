@@ -1,0 +1,323 @@
+"""Triton flash-decoding kernels for caches with one scale per token: exact slots (the model's
+dtype), int8 and fp8 (e4m3) codes; and the launcher shared with the KIVI kernel
+(decode_kernels_kivi.py). decode_attention.py is the public entry and holds the PyTorch reference.
+
+Decode is memory-bound: each step must read every valid byte of the cache once. The grid is
+(B * Hkv, splits): a program owns one KV head and one chunk of the sequence, loads each tile of
+keys and values once for the n_rep query heads that share it (GQA: the group padded to the 16
+rows a tensor-core dot needs) and keeps an online softmax; a second kernel combines the splits
+by their log-sum-exps. The current length is read on the device and each split's chunk derived
+from it inside the kernel, so the grid is static and a CUDA-graph replay sees the cache grow.
+
+The 8-bit formats do no per-element multiply. Both dots run in fp16 on the codes themselves: the
+key scale (one per token) multiplies the scores, the value scale the probabilities before P.V.
+What is left per element is the conversion of a code to fp16, done in registers from the packed
+bytes (CONVERT_ASM, sm_80+):
+  int8  x -> fp16 1152 + x: an XOR flips the sign bit (x + 128 as a byte), and one PRMT per two
+        codes places the byte under the exponent of 1024; the 1152 * sum(q) (keys) and
+        1152 * sum(p) (values) this adds to each row are subtracted once per row and tile;
+  fp8   e4m3 -> fp16 with one cvt.rn.f16x2.e4m3x2 per two codes on sm_89+ (FP8_CVT); on sm_80
+        the bits are moved into an fp16 of 1/256 the value (sign, then exponent and mantissa
+        shifted by 7), and the 256 goes into the scale.
+Both are exact. The values' probabilities are divided by the tile's largest value scale before
+they are rounded to fp16 (so no product of a small probability and a small scale underflows) and
+the tile's sum is multiplied by it after the dot. Under the Triton interpreter the conversions
+are written with plain casts (CONVERT_ASM off).
+"""
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+# (format, D) -> (BLOCK_N, num_warps, num_stages, waves): waves = programs per SM the split grid
+# aims for. Chosen with scripts/bench_attention.py on an H200 (docs/kernels.md has the sweep): the
+# 8-bit formats run best as one-warp programs on 32-token tiles, twice as many of them, so that
+# every reduction of the online softmax stays inside a warp (no shared-memory round trip and
+# barrier per tile) and many independent programs hide each other's latency.
+CONFIGS = {
+    ("exact", 64): (64, 4, 4, 8),
+    ("exact", 128): (64, 4, 4, 8),
+    ("int8", 64): (32, 1, 3, 16),
+    ("int8", 128): (32, 1, 3, 16),
+    ("fp8", 64): (32, 1, 3, 16),
+    ("fp8", 128): (32, 1, 3, 16),
+    ("int4", 64): (64, 4, 3, 8),
+    ("int4", 128): (64, 4, 3, 8),
+    ("int2", 64): (64, 4, 3, 8),
+    ("int2", 128): (64, 4, 3, 8),
+}
+FORMAT_IDS = {"exact": 0, "int8": 1, "fp8": 2}
+# Tuning switches, module-level so the benchmark can sweep them (and CONFIGS) without widening
+# the launch API.
+CONVERT_ASM = True  # 8-bit codes converted with the PTX below (else plain casts, as under the interpreter)
+KIVI_ASM = True  # bf16 KIVI tiles unpacked and dequantized with PTX (decode_kernels_kivi)
+MIN_SPLIT = 512  # tokens of capacity per split at least (batch 1 at 32K ran best near 1K)
+INT8_OFFSET = 1152.0  # 1024 (the fp16 exponent the bytes sit under) + 128 (the flipped sign bit)
+INT8_OFFSET_T = tl.constexpr(INT8_OFFSET)  # the kernels read it as a global
+
+# Four int8 codes (one register) -> four fp16 1152 + code, two per output register.
+_INT8_TO_F16_ASM = tl.constexpr("""{
+.reg .b32 t;
+xor.b32 t, $2, 0x80808080;
+prmt.b32 $0, t, 0x64646464, 0x4140;
+prmt.b32 $1, t, 0x64646464, 0x4342;
+}""")
+# Four e4m3 codes -> four fp16 of the same value (sm_89+).
+_FP8_TO_F16_ASM = tl.constexpr("""{
+.reg .b16 lo, hi;
+mov.b32 {lo, hi}, $2;
+cvt.rn.f16x2.e4m3x2 $0, lo;
+cvt.rn.f16x2.e4m3x2 $1, hi;
+}""")
+
+
+@triton.jit
+def int8_codes_to_f16(x, CONVERT_ASM: tl.constexpr):
+    """int8 codes -> fp16 INT8_OFFSET + code, exact."""
+    if CONVERT_ASM:
+        return tl.inline_asm_elementwise(_INT8_TO_F16_ASM, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        return x.to(tl.float16) + 1152.0
+
+
+@triton.jit
+def fp8_codes_to_f16(x, CONVERT_ASM: tl.constexpr, FP8_CVT: tl.constexpr):
+    """uint8 e4m3 bit patterns -> fp16: the value (FP8_CVT), else the value / 256. Exact."""
+    if CONVERT_ASM and FP8_CVT:
+        return tl.inline_asm_elementwise(_FP8_TO_F16_ASM, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        # s eeee mmm -> s 0 eeee mmm 0000000: an fp16 whose exponent bias (15) is 8 more than
+        # e4m3's (7); subnormals line up too (fp16's are 2**-24 * m * 2**7 = e4m3's / 256).
+        b = x.to(tl.int16)
+        return (((b & 0x7F) << 7) | ((b & 0x80) << 8)).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def split_bounds(LEN, cap, n_splits, HAS_LEN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[start, end) of this program's split: a chunk of the *current* length (read on the device,
+    never past the buffer's capacity), rounded up to the tile. Static grid, dynamic work."""
+    if HAS_LEN:
+        seg_len = tl.minimum(tl.load(LEN).to(tl.int32), cap)
+    else:
+        seg_len = cap
+    chunk = tl.cdiv(tl.cdiv(seg_len, n_splits), BLOCK_N) * BLOCK_N
+    start = tl.program_id(1) * chunk
+    return start, tl.minimum(start + chunk, seg_len)
+
+
+@triton.jit
+def online_softmax(s, m_i, l_i):
+    """One tile of scores s [M, BLOCK_N] (base 2, -inf where invalid) into the running max and
+    sum: (p, alpha to rescale what came before, new max, new sum). A row with nothing valid yet
+    keeps m = -inf and gets p = 0."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def finish_split(m_i, l_i, LSE, lse_row, start, end, N_REP: tl.constexpr, M: tl.constexpr):
+    """Store this split's log2-sum-exp per row (lse_row [M] pointers) and return (1 / sum per row,
+    the rows whose output to store): an empty split (past the current length) stores only its
+    lse, which tells the combine to skip its output."""
+    offs_m = tl.arange(0, M)
+    has = l_i > 0
+    tl.store(LSE + lse_row, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=offs_m < N_REP)
+    inv_l = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
+    return inv_l, offs_m < tl.where(end > start, N_REP, 0)  # (not a & (end > start): the interpreter rejects that mask)
+
+
+@triton.jit
+def token_partial_kernel(
+    Q, sqb, sqh,
+    K, skb, skh, skn,  # exact slots [B, Hkv, N, D] or codes [B, Hkv, L, D]
+    V, svb, svh, svn,
+    KS, VS, ssb, ssh, ssn,  # per-token scales [B, Hkv, L, 1] (8-bit formats; keys and values alike)
+    LEN, MASK,  # valid length [1] (HAS_LEN), valid slots [N] uint8 (HAS_MASK)
+    O, LSE, so_b, so_h, so_s,  # partial out [B, Hq, splits, D] fp32, log2-sum-exp [B, Hq, splits]
+    sl_b, sl_h,
+    qk_scale, Hkv, split_offset, n_splits, cap,
+    N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, FORMAT: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr, CONVERT_ASM: tl.constexpr, FP8_CVT: tl.constexpr,
+    FP8_UNIT: tl.constexpr,  # what fp8_codes_to_f16 returns times this is the value (1 or 256)
+):
+    b = tl.program_id(0) // Hkv
+    h = tl.program_id(0) % Hkv
+    start, end = split_bounds(LEN, cap, n_splits, HAS_LEN, BLOCK_N)
+    offs_m = tl.arange(0, M)
+    row_ok = offs_m < N_REP
+    heads = h * N_REP + offs_m  # the query heads of this KV head, padded to M rows
+    offs_d = tl.arange(0, D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [M, D]
+    if FORMAT != 0:
+        # fp16 operands for the codes; q prescaled (softmax scale, log2 e) so it stays far from
+        # fp16's range limit.
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+    if FORMAT == 1:
+        q_offset = INT8_OFFSET_T * tl.sum(q.to(tl.float32), axis=1)  # [M]: what the key offset adds
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    ks_base = KS + b * ssb + h * ssh
+    vs_base = VS + b * ssb + h * ssh
+
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    if FORMAT != 0:
+        # The scales are loaded one tile ahead: the pipeliner stages only the tiles the dots read,
+        # so a scale loaded where it is used exposes a whole memory latency every tile.
+        ok_next = (start + offs_n0) < end
+        ks_next = tl.load(ks_base + (start + offs_n0) * ssn, mask=ok_next, other=0.0)
+        vs_next = tl.load(vs_base + (start + offs_n0) * ssn, mask=ok_next, other=0.0)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + offs_n0
+        ok_n = offs_n < end
+        if HAS_MASK:
+            ok_n = ok_n & (tl.load(MASK + offs_n, mask=ok_n, other=0) != 0)
+        # ---- scores [M, BLOCK_N], base 2 ----
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=ok_n[None, :], other=0)  # [D, BLOCK_N]
+        if FORMAT == 0:
+            s = tl.dot(q, kt) * qk_scale
+        else:
+            ks, vs = ks_next.to(tl.float32), vs_next.to(tl.float32)
+            ok_next = (offs_n + BLOCK_N) < end
+            ks_next = tl.load(ks_base + (offs_n + BLOCK_N) * ssn, mask=ok_next, other=0.0)
+            vs_next = tl.load(vs_base + (offs_n + BLOCK_N) * ssn, mask=ok_next, other=0.0)
+            if FORMAT == 1:
+                s = (tl.dot(q, int8_codes_to_f16(kt, CONVERT_ASM)) - q_offset[:, None]) * ks[None, :]
+            else:
+                s = tl.dot(q, fp8_codes_to_f16(kt, CONVERT_ASM, FP8_CVT)) * (ks * FP8_UNIT)[None, :]
+        s = tl.where(ok_n[None, :], s, float("-inf"))
+        p, alpha, m_i, l_i = online_softmax(s, m_i, l_i)
+        # ---- values ----
+        vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=ok_n[:, None], other=0)  # [BLOCK_N, D]
+        if FORMAT == 0:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        else:
+            v_top = tl.max(vs, axis=0)
+            v_top = tl.where(v_top > 0, v_top, 1.0)
+            pv = (p * (vs / v_top)[None, :]).to(tl.float16)
+            if FORMAT == 1:
+                pv_offset = INT8_OFFSET_T * tl.sum(pv.to(tl.float32), axis=1)  # [M]
+                tile = tl.dot(pv, int8_codes_to_f16(vt, CONVERT_ASM)) - pv_offset[:, None]
+            else:
+                tile = tl.dot(pv, fp8_codes_to_f16(vt, CONVERT_ASM, FP8_CVT)) * FP8_UNIT
+            acc = acc * alpha[:, None] + tile * v_top
+
+    # ---- this split's normalized output and log2-sum-exp ----
+    sp = split_offset + tl.program_id(1)
+    inv_l, out_ok = finish_split(m_i, l_i, LSE, b * sl_b + heads * sl_h + sp, start, end, N_REP, M)
+    tl.store(O + b * so_b + heads[:, None] * so_h + sp * so_s + offs_d[None, :], acc * inv_l[:, None],
+             mask=out_ok[:, None])
+
+
+@triton.jit
+def combine_kernel(O, LSE, so_bh, so_s, sl_bh, OUT, sout_b, sout_h, Hq, S, S_PAD: tl.constexpr, D: tl.constexpr):
+    """out [B, Hq, D] = the splits' outputs weighted by their share of the softmax mass."""
+    bh = tl.program_id(0)
+    b = bh // Hq
+    hq = bh % Hq
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D)
+    lse = tl.load(LSE + bh * sl_bh + offs_s, mask=offs_s < S, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # 0 for empty splits
+    # An empty split's out was never written: not read (at short lengths most splits are empty).
+    o = tl.load(O + bh * so_bh + offs_s[:, None] * so_s + offs_d[None, :], mask=(lse > float("-inf"))[:, None], other=0.0)
+    den = tl.sum(w, axis=0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(OUT + b * sout_b + hq * sout_h + offs_d, out.to(OUT.dtype.element_ty))
+
+
+
+def plan_splits(bh: int, capacities: list[int], block_ns: list[int], sm_count: int, waves: int) -> list[int]:
+    """Static split counts per segment from shapes only: ~waves programs per SM in all, shared by
+    capacity, at least MIN_SPLIT tokens (and one tile) per split."""
+    target = max(1, math.ceil(waves * sm_count / bh))
+    total = sum(capacities)
+    splits = []
+    for cap, bn in zip(capacities, block_ns):
+        s = max(1, round(target * cap / max(total, 1)))
+        splits.append(max(1, min(s, math.ceil(cap / max(bn, MIN_SPLIT)))))
+    return splits
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fp8_cvt(device_index: int) -> bool:
+    """cvt.rn.f16x2.e4m3x2 exists from sm_89 (Ada, Hopper); an A100 (sm_80) converts in software."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=None):
+    """Launch one partial kernel per segment (the quantized body, if any, then the exact slots)
+    into one buffer of splits, then the combine. Arguments as decode_attention's (checked there;
+    exact_mask as uint8); `out` [B, Hq, D] is written in place if given."""
+    from decode_kernels_kivi import kivi_partial_kernel  # (it imports this module's helpers)
+
+    B, Hq, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    n_rep = Hq // Hkv
+    device = q.device.index if q.device.index is not None else (torch.cuda.current_device() if q.is_cuda else 0)
+    segments = []  # (format, capacity, BLOCK_N, num_warps, num_stages)
+    if body is not None:
+        block_n, warps, stages, waves = CONFIGS[(body.format, D)]
+        if body.bits != 8:
+            block_n = min(block_n, body.group_size)  # a KIVI tile within one key group
+        segments.append((body.format, body.k_codes.shape[2], block_n, warps, stages))
+    block_n, warps, stages, exact_waves = CONFIGS[("exact", D)]
+    segments.append(("exact", N, block_n, warps, stages))
+    # (CPU tensors reach here only under TRITON_INTERPRET=1, in tests.)
+    sm_count = _sm_count(device) if q.is_cuda else 132
+    waves = waves if body is not None else exact_waves  # the body, when there is one, is nearly all the work
+    splits = plan_splits(B * Hkv, [s[1] for s in segments], [s[2] for s in segments], sm_count, waves)
+    o_part = torch.empty(B, Hq, sum(splits), D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, Hq, sum(splits), device=q.device, dtype=torch.float32)
+    common = dict(M=max(16, triton.next_power_of_2(n_rep)), N_REP=n_rep, D=D)
+    qk_scale = sm_scale * math.log2(math.e)  # the kernels use exp2
+    offset = 0
+    for (fmt, cap, block_n, warps, stages), n_splits in zip(segments, splits):
+        outputs = (o_part, lse, *o_part.stride()[:3], *lse.stride()[:2], qk_scale, Hkv, offset, n_splits, cap)
+        launch = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+        grid = (B * Hkv, n_splits)
+        if fmt == "exact":
+            token_partial_kernel[grid](
+                q, q.stride(0), q.stride(1), k, *k.stride()[:3], v, *v.stride()[:3], k, k, 0, 0, 0,
+                exact_len if exact_len is not None else q, exact_mask if exact_mask is not None else q, *outputs,
+                FORMAT=0, HAS_LEN=exact_len is not None, HAS_MASK=exact_mask is not None,
+                CONVERT_ASM=False, FP8_CVT=False, FP8_UNIT=1.0, **launch)
+        elif body.bits == 8:
+            convert_asm = CONVERT_ASM and q.is_cuda
+            fp8_cvt = q.is_cuda and _has_fp8_cvt(device)
+            token_partial_kernel[grid](
+                q, q.stride(0), q.stride(1), body.k_codes, *body.k_codes.stride()[:3],
+                body.v_codes, *body.v_codes.stride()[:3], body.k_scale, body.v_scale, *body.k_scale.stride()[:3],
+                body_len, q, *outputs, FORMAT=FORMAT_IDS[fmt], HAS_LEN=True, HAS_MASK=False,
+                CONVERT_ASM=convert_asm, FP8_CVT=fp8_cvt, FP8_UNIT=1.0 if convert_asm and fp8_cvt else 256.0, **launch)
+        else:
+            kivi_partial_kernel[grid](
+                q, q.stride(0), q.stride(1), body.k_codes, *body.k_codes.stride()[:3],
+                body.v_codes, *body.v_codes.stride()[:3], body.k_scale, body.k_zero, *body.k_scale.stride()[:3],
+                body.v_scale, body.v_zero, *body.v_scale.stride()[:3], body_len, q, *outputs,
+                BITS=body.bits, G=body.group_size, HAS_LEN=True, HAS_MASK=False,
+                KIVI_ASM=KIVI_ASM and q.is_cuda and q.dtype == torch.bfloat16, **launch)
+        offset += n_splits
+    if out is None:
+        out = torch.empty_like(q)
+    s_pad = triton.next_power_of_2(sum(splits))
+    combine_kernel[(B * Hq,)](
+        o_part, lse, o_part.stride(1), o_part.stride(2), lse.stride(1), out, out.stride(0), out.stride(1), Hq, sum(splits),
+        S_PAD=s_pad, D=D, num_warps=min(16, max(4, s_pad * D // 2048)),  # <= 64 fp32 of the tile per thread
+    )
+    return out

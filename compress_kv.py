@@ -12,16 +12,18 @@ window every step. `rope="original"` keeps absolute distances everywhere (for co
 import torch
 
 from decode_attention import decode_attention
-from kv_cache import segment_attention, use_decode_kernel
-from model import apply_rotary_emb
+from kv_cache import segment_attention
+from rope import apply_rotary_emb
 from sink_window import SinkWindowCache
 
 ROPE_MODES = ("streaming", "original")
 
 
 class CompressedCache(SinkWindowCache):
-    def __init__(self, batch_size, n_kv_heads, head_dim, dtype, device, freqs_cis, sink_size, window_size, rope="streaming", **_):
-        super().__init__(batch_size, n_kv_heads, head_dim, dtype, device, sink_size, window_size, evict_block=1)
+    def __init__(self, batch_size, n_kv_heads, head_dim, dtype, device, freqs_cis, sink_size, window_size, rope="streaming",
+                 decode_kernels=None, **_):
+        super().__init__(batch_size, n_kv_heads, head_dim, dtype, device, sink_size, window_size, evict_block=1,
+                         decode_kernels=decode_kernels)
         assert rope in ROPE_MODES
         self.streaming = rope == "streaming"
         self.freqs_cis = freqs_cis  # the model's [max_seq, D/2, 2] table, shared
@@ -36,7 +38,7 @@ class CompressedCache(SinkWindowCache):
         bsz, _, t, _ = q.shape
         s = self.sink_size
         shift = self.sink_shift(input_pos)  # [T]
-        if use_decode_kernel(q):
+        if self.kernel_step(q):
             # One query: move the sink keys forward by the shift instead of the query back.
             sink_k = apply_rotary_emb(self.exact_k[:bsz, :, :s].transpose(1, 2), self.freqs_cis[shift].expand(s, -1, -1))
             k = torch.cat([sink_k.transpose(1, 2), self.exact_k[:bsz, :, s:]], dim=2)

@@ -144,7 +144,7 @@ def cache_nbytes(config, settings: dict, n_tokens: int, dtype=torch.bfloat16, ba
 
     freqs_cis = torch.empty(n_tokens, config.head_dim // 2, 2, device="meta")
     cache = cache_factory(settings)(
-        layer_idx=0, batch_size=batch_size, max_seq_length=n_tokens, n_kv_heads=config.n_local_heads,
+        batch_size=batch_size, max_seq_length=n_tokens, n_kv_heads=config.n_local_heads,
         head_dim=config.head_dim, dtype=dtype, device="meta", freqs_cis=freqs_cis,
     )
     return cache.nbytes() * config.n_layer  # every layer's cache is the same shape

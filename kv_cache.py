@@ -7,7 +7,7 @@ with input_pos [T] the (contiguous, shared across the batch) positions of the ne
 Neither call may sync with the host or change a shape on the decode path (T == 1), so the
 decode step captures as a CUDA graph; validity is a length or a mask computed from input_pos.
 """
-import contextlib
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,16 @@ from decode_attention import decode_attention
 
 
 class KVCache(nn.Module):
+    def __init__(self, device, decode_kernels: Optional[bool]):
+        """decode_kernels: one-token steps through the decode kernels (custom ops: the Triton
+        kernels on CUDA, their PyTorch references elsewhere); None: on CUDA devices only."""
+        super().__init__()
+        self.decode_kernels = torch.device(device or "cpu").type == "cuda" if decode_kernels is None else decode_kernels
+
+    def kernel_step(self, x: torch.Tensor) -> bool:
+        """x [B, H, T, D] is one decode step that the decode kernels serve."""
+        return self.decode_kernels and x.shape[2] == 1
+
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -26,14 +36,6 @@ class KVCache(nn.Module):
     def nbytes(self) -> int:
         """Bytes this cache holds on its device (every buffer, as allocated)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
-
-
-def profiler_range(name: str):
-    """A torch.profiler range in eager runs, named as profiling.py's summary sorts time
-    ("kv_attend", "kv_quantize", "kv_dequantize"); nothing inside a compiled graph."""
-    if torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return torch.profiler.record_function(name)
 
 
 def batch_rows(buf: torch.Tensor, bsz: int) -> torch.Tensor:
@@ -56,16 +58,12 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True)
 
 
-def use_decode_kernel(q: torch.Tensor) -> bool:
-    """The fused Triton decode kernel serves one-token steps on CUDA; everything else uses PyTorch."""
-    return q.is_cuda and q.shape[2] == 1
-
-
 class FullCache(KVCache):
     """Static preallocated cache of max_seq_length tokens in the model's dtype (gpt-fast's)."""
 
-    def __init__(self, batch_size: int, max_seq_length: int, n_kv_heads: int, head_dim: int, dtype, device=None, **_):
-        super().__init__()
+    def __init__(self, batch_size: int, max_seq_length: int, n_kv_heads: int, head_dim: int, dtype, device=None,
+                 decode_kernels: Optional[bool] = None, **_):
+        super().__init__(device, decode_kernels)
         shape = (batch_size, n_kv_heads, max_seq_length, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -77,7 +75,7 @@ class FullCache(KVCache):
     def attend(self, q, input_pos):
         bsz = q.shape[0]
         k, v = self.k_cache[:bsz], self.v_cache[:bsz]
-        if use_decode_kernel(q):
+        if self.kernel_step(q):
             return decode_attention(q[:, :, 0], k, v, exact_len=input_pos + 1)[:, :, None]
         # Prefill chunks read keys [0, last position] only (one host sync per chunk, off the decode
         # graph); a CPU decode step masks the whole capacity so it stays sync-free. Either way the

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kv_cache import profiler_range
+from profiling import profiler_range
+from rope import apply_rotary_emb, precompute_freqs_cis
 
 
 @dataclass
@@ -69,7 +70,8 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# A cache factory builds one cache for one layer: (layer_idx, batch, max_seq, n_kv_heads, head_dim, dtype, rope) -> cache.
+# A cache factory builds one layer's cache from (batch_size, max_seq_length, n_kv_heads, head_dim,
+# dtype, device, freqs_cis): strategies.cache_factory.
 CacheFactory = Callable[..., nn.Module]
 
 
@@ -82,8 +84,6 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.freqs_cis: Optional[torch.Tensor] = None
-        self.max_batch_size = -1
-        self.max_seq_length = -1
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, cache_factory: CacheFactory) -> None:
         """Give every layer its cache; every buffer is allocated here, once.
@@ -92,13 +92,11 @@ class Transformer(nn.Module):
         """
         dtype = self.tok_embeddings.weight.dtype
         device = self.tok_embeddings.weight.device
-        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         self.freqs_cis = precompute_freqs_cis(
             max_seq_length, self.config.head_dim, self.config.rope_base, self.config.rope_scaling
         ).to(device)
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             layer.attention.kv_cache = cache_factory(
-                layer_idx=i,
                 batch_size=max_batch_size,
                 max_seq_length=max_seq_length,
                 n_kv_heads=self.config.n_local_heads,
@@ -189,42 +187,3 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
-
-
-def _scale_llama31(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
-    """Llama-3.1 RoPE frequency scaling: long wavelengths slowed by `factor`, short ones kept,
-    a smooth blend between."""
-    factor = scaling["factor"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_ctx = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / freqs
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    blended = (1 - smooth) * freqs / factor + smooth * freqs
-    out = torch.where(wavelen > old_ctx / low, freqs / factor, blended)
-    return torch.where(wavelen < old_ctx / high, freqs, out)
-
-
-def precompute_freqs_cis(seq_len: int, head_dim: int, base: float, rope_scaling: Optional[dict] = None) -> torch.Tensor:
-    """cos/sin table [seq_len, head_dim/2, 2] in fp32.
-
-    Angles are computed in float64: at 100K+ positions an fp32 angle is off by ~1e-2 rad.
-    """
-    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64)[: head_dim // 2] / head_dim))
-    if rope_scaling is not None:
-        freqs = _scale_llama31(freqs, rope_scaling)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)
-    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).float()
-
-
-def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by freqs_cis [T, D/2, 2]."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # [B, T, H, D/2, 2]
-    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
-    out = torch.stack(
-        [
-            xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
-            xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1],
-        ],
-        dim=-1,
-    )
-    return out.flatten(3).type_as(x)

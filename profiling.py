@@ -18,7 +18,7 @@ Writes to outputs/ next to this file (or $ENGINE_OUTPUTS, or `out_dir`):
                        the summary
   NAME_memory.pickle   CUDA with detail only: allocator history for https://pytorch.org/memory_viz
   NAME_summary.json    the summary's numbers
-and prints a one-paragraph summary (scripts/summarize_profile.py computes it from the trace, so the
+and prints a one-paragraph summary (profile_summary.py computes it from the trace, so the
 same command reproduces it later). Existing files are never replaced: NAME_1, NAME_2, ... are used
 unless overwrite=True. Progress and results go to stderr: stdout is the generated text's.
 
@@ -39,7 +39,7 @@ from typing import Callable, Optional
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from scripts.summarize_profile import METADATA_KEY, format_summary, summarize
+from profile_summary import METADATA_KEY, format_summary, summarize
 
 # Kineto logs to stderr, and at its default level still prints a line when recording starts and
 # when it stops (its highest level, USDT); the stop comes mid-generation and lands inside the text
@@ -50,6 +50,14 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 OUTPUT_DIR_ENV = "ENGINE_OUTPUTS"
 DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "outputs"  # the repository's, wherever the command runs
 SUFFIXES = (".json", ".txt", "_memory.pickle", "_summary.json")
+
+
+def profiler_range(name: str):
+    """A torch.profiler range in eager runs, named as profiling.py's summary sorts time
+    ("kv_attend", "kv_quantize", "kv_dequantize"); nothing inside a compiled graph."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(name)
 
 
 def output_dir(out_dir=None) -> Path:

@@ -16,9 +16,10 @@ group is a trash group for masked writes); per-group key parameters are [B, H, n
 import torch
 
 import kv_quant as kq
-from kv_quant import QuantizedBody
 from decode_attention import decode_attention
-from kv_cache import batch_rows, masked_attention, profiler_range, use_decode_kernel
+from kv_cache import batch_rows, masked_attention
+from kv_quant import QuantizedBody
+from profiling import profiler_range
 from sink_window import SinkWindowCache, floor_div
 
 BITS = (8, 4, 2)
@@ -26,10 +27,11 @@ BITS = (8, 4, 2)
 
 class QuantizedCache(SinkWindowCache):
     def __init__(self, batch_size, max_seq_length, n_kv_heads, head_dim, dtype, device, sink_size, window_size, bits=8,
-                 group_size=32, fp8=False, **_):
+                 group_size=32, fp8=False, decode_kernels=None, **_):
         assert bits in BITS and (bits == 8 or not fp8)
         block = 1 if bits == 8 else group_size
-        super().__init__(batch_size, n_kv_heads, head_dim, dtype, device, sink_size, window_size, evict_block=block)
+        super().__init__(batch_size, n_kv_heads, head_dim, dtype, device, sink_size, window_size, evict_block=block,
+                         decode_kernels=decode_kernels)
         assert bits == 8 or head_dim % group_size == 0, "group_size must divide head_dim"
         self.bits, self.group_size, self.fp8 = bits, group_size, fp8
         self.n_groups = -(-max(max_seq_length - sink_size, 1) // block)
@@ -121,7 +123,7 @@ class QuantizedCache(SinkWindowCache):
 
     def attend(self, q, input_pos):
         bsz = q.shape[0]
-        if use_decode_kernel(q):
+        if self.kernel_step(q):
             mask, body_len = self.take_decode_validity()
             return decode_attention(q[:, :, 0], self.exact_k[:bsz], self.exact_v[:bsz], exact_len=None, exact_mask=mask,
                                     body=self.body(bsz), body_len=body_len)[:, :, None]

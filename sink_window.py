@@ -19,7 +19,8 @@ CPU take the PyTorch path below, which is also the kernel's reference.
 import torch
 
 import ring_append
-from kv_cache import KVCache, batch_rows, use_decode_kernel
+import ring_layout
+from kv_cache import KVCache, batch_rows
 
 
 def floor_div(a: torch.Tensor, b: int) -> torch.Tensor:
@@ -27,8 +28,8 @@ def floor_div(a: torch.Tensor, b: int) -> torch.Tensor:
 
 
 class SinkWindowCache(KVCache):
-    def __init__(self, batch_size, n_kv_heads, head_dim, dtype, device, sink_size, window_size, evict_block):
-        super().__init__()
+    def __init__(self, batch_size, n_kv_heads, head_dim, dtype, device, sink_size, window_size, evict_block, decode_kernels):
+        super().__init__(device, decode_kernels)
         self.sink_size, self.window_size, self.evict_block = sink_size, window_size, evict_block
         self.ring_size = window_size + evict_block - 1
         self.trash_slot = sink_size + self.ring_size
@@ -41,15 +42,15 @@ class SinkWindowCache(KVCache):
     # -- positions -------------------------------------------------------------------------
     def n_evicted(self, pos: torch.Tensor) -> torch.Tensor:
         """Non-sink tokens no longer exact once the token at `pos` is in (elementwise)."""
-        return ring_append.n_evicted(pos, self.sink_size, self.window_size, self.evict_block)
+        return ring_layout.n_evicted(pos, self.sink_size, self.window_size, self.evict_block)
 
     def slot_of(self, pos: torch.Tensor) -> torch.Tensor:
-        return ring_append.slot_of(pos, self.sink_size, self.ring_size)
+        return ring_layout.slot_of(pos, self.sink_size, self.ring_size)
 
     def exact_slot_positions(self, pos: torch.Tensor) -> torch.Tensor:
         """Position held by each exact slot once the token at scalar-tensor `pos` is written ([N]);
         -1 where a slot holds nothing valid."""
-        return ring_append.slot_positions(pos, self.trash_slot + 1, self.sink_size, self.window_size, self.evict_block)
+        return ring_layout.slot_positions(pos, self.trash_slot + 1, self.sink_size, self.window_size, self.evict_block)
 
     def take_decode_validity(self):
         """(exact slot valid [N] bool, body length [1]) from this decode step's ring_append: what
@@ -62,7 +63,7 @@ class SinkWindowCache(KVCache):
     # -- writes ----------------------------------------------------------------------------
     def update(self, input_pos, k, v):
         bsz, _, t, _ = k.shape
-        if use_decode_kernel(k):
+        if self.kernel_step(k):
             self._recent = None
             self._decode_validity = ring_append.ring_append(
                 input_pos, k[:, :, 0], v[:, :, 0], batch_rows(self.exact_k, bsz), batch_rows(self.exact_v, bsz),

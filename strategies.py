@@ -4,7 +4,7 @@ strategy is its cache module plus one entry here."""
 import argparse
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 from compress_kv import ROPE_MODES, CompressedCache
 from kv_cache import FullCache
@@ -107,6 +107,9 @@ def check_settings(settings: dict, head_dim: int, max_seq_length: int, device: s
                              f"use one of {sizes}")
 
 
-def cache_factory(settings: dict):
+def cache_factory(settings: dict, decode_kernels: Optional[bool] = None):
+    """What model.setup_caches calls per layer. decode_kernels: one-token steps through the decode
+    kernels' custom ops (True on the CPU runs their PyTorch references, as tests do); None: on
+    CUDA devices."""
     opts = {k: v for k, v in settings.items() if k != "strategy"}
-    return functools.partial(STRATEGIES[settings["strategy"]].cache, **opts)
+    return functools.partial(STRATEGIES[settings["strategy"]].cache, decode_kernels=decode_kernels, **opts)

@@ -10,10 +10,6 @@ step leaves room for that; a wrong mask, slot or scale gives O(1).
 import pytest
 import torch
 
-import compress_kv
-import kv_cache
-import quantize_kv
-import sink_window
 from generate import decode_one_token
 from model import ModelArgs, Transformer
 from strategies import cache_factory
@@ -36,8 +32,8 @@ def model_on_gpu():
     return Transformer(config).to("cuda", torch.bfloat16).eval()
 
 
-def decode_logits(model, settings, tokens, prompt_len, step):
-    model.setup_caches(tokens.shape[0], tokens.shape[1] + 8, cache_factory(settings))
+def decode_logits(model, settings, tokens, prompt_len, step, decode_kernels=None):
+    model.setup_caches(tokens.shape[0], tokens.shape[1] + 8, cache_factory(settings, decode_kernels))
     out = []
     with torch.no_grad():
         model(tokens[:, :prompt_len], torch.arange(prompt_len, device="cuda"))
@@ -54,15 +50,13 @@ def logits_step(model, x, input_pos):
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(map(str, s.values())))
 @pytest.mark.parametrize("batch", [3])
-def test_kernel_path_matches_pytorch_path(settings, batch, monkeypatch):
+def test_kernel_path_matches_pytorch_path(settings, batch):
     model = model_on_gpu()
     tokens = torch.randint(0, 512, (batch, 300), device="cuda")
     torch._dynamo.reset()
     compiled = torch.compile(logits_step, mode="reduce-overhead", fullgraph=True)
     got = decode_logits(model, settings, tokens, 100, compiled)
-    for module in (kv_cache, sink_window, compress_kv, quantize_kv):
-        monkeypatch.setattr(module, "use_decode_kernel", lambda q: False)
-    want = decode_logits(model, settings, tokens, 100, logits_step)
+    want = decode_logits(model, settings, tokens, 100, logits_step, decode_kernels=False)
     err = (got - want).flatten(1).norm(dim=1) / want.flatten(1).norm(dim=1)
     assert err.max() < 3e-2, err.max()
 

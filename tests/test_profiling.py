@@ -10,7 +10,8 @@ import generate
 import profiling
 from model import ModelArgs, Transformer
 from profiling import check_profile_name, profile_run
-from scripts import summarize_profile as sp
+import profile_summary as sp
+from scripts import summarize_profile
 from strategies import cache_factory
 
 FOLDER = "--profile takes a name for the files it writes (NAME.json, NAME.txt, ...), not a folder"
@@ -263,7 +264,7 @@ def test_summary_shares_add_up_and_kv_share_is_reported(tmp_path, settings):
 def test_summarize_script_compares_two_traces(tmp_path, capsys):
     profiled_tiny_run(tmp_path, "full", {"strategy": "full"})
     profiled_tiny_run(tmp_path, "quant", {"strategy": "quantize_kv", "sink_size": 4, "window_size": 8, "bits": 8, "group_size": 32})
-    sp.main([str(tmp_path / "full.json"), str(tmp_path / "quant.json"), "--json", str(tmp_path / "cmp.json")])
+    summarize_profile.main([str(tmp_path / "full.json"), str(tmp_path / "quant.json"), "--json", str(tmp_path / "cmp.json")])
     out = capsys.readouterr().out
     assert "strategy=quantize_kv" in out and "top ops of full" in out and "top ops of quant" in out
     assert set(json.loads((tmp_path / "cmp.json").read_text())) == {str(tmp_path / "full.json"), str(tmp_path / "quant.json")}

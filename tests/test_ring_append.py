@@ -10,14 +10,10 @@ eviction and many ring wraps.
 import pytest
 import torch
 
-import compress_kv
-import kv_cache
-import quantize_kv
 import ring_append
-import sink_window
 from kv_quant import QuantizedBody
 from strategies import cache_factory
-from tests.test_caches import VOCAB, compress, quantize, run, tiny_model
+from tests.helpers import VOCAB, compress, quantize, run, tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -62,37 +58,29 @@ def test_reference_equals_cache_update(settings, dtype):
         assert int(body_len) == int(cache.n_evicted(pos)), p
 
 
-def use_kernel_path(monkeypatch):
-    """The caches' GPU decode path on the CPU: ring_append and decode_attention run their
-    references."""
-    for module in (kv_cache, sink_window, compress_kv, quantize_kv):
-        monkeypatch.setattr(module, "use_decode_kernel", lambda x: x.shape[2] == 1)
-
-
 @pytest.mark.parametrize("settings", [compress(4, 8), compress(4, 8, "original"), quantize(4, 8, 8), quantize(4, 8, "fp8"),
                                       quantize(4, 8, 4), quantize(4, 8, 2), quantize(3, 5, 2, 16)],
                          ids=lambda s: "-".join(map(str, s.values())))
-def test_kernel_path_equals_pytorch_path(settings, monkeypatch):
-    """Tolerance: fp32 both ways; they differ in summation order only (fp32 einsum softmax vs
-    SDPA), ~1e-6 on logits of size ~1."""
+def test_kernel_path_equals_pytorch_path(settings):
+    """The caches' GPU decode path on the CPU (ring_append and decode_attention serve it with their
+    references). Tolerance: fp32 both ways; they differ in summation order only (fp32 einsum
+    softmax vs SDPA), ~1e-6 on logits of size ~1."""
     model = tiny_model()
     tokens = torch.randint(0, VOCAB, (2, 90))
     chunks = [20] + [1] * 70
-    want = run(model, tokens, settings, chunks)
-    use_kernel_path(monkeypatch)
-    got = run(model, tokens, settings, chunks)
+    want = run(model, tokens, settings, chunks, decode_kernels=False)
+    got = run(model, tokens, settings, chunks, decode_kernels=True)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("settings", [quantize(4, 8, 8), quantize(4, 8, 4, 16)], ids=["int8", "int4"])
-def test_compiled_kernel_path_is_one_graph(settings, monkeypatch):
+def test_compiled_kernel_path_is_one_graph(settings):
     """The mutating custom op compiles fullgraph, once, and the compiled steps match eager."""
-    use_kernel_path(monkeypatch)
     model = tiny_model()
     tokens = torch.randint(0, VOCAB, (1, 64))  # int4: three groups complete
-    want = run(model, tokens, settings, [4] + [1] * 60)
+    want = run(model, tokens, settings, [4] + [1] * 60, decode_kernels=True)
 
-    model.setup_caches(1, 64, cache_factory(settings))
+    model.setup_caches(1, 64, cache_factory(settings, decode_kernels=True))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     step = torch.compile(lambda x, pos: model(x, pos), fullgraph=True)

@@ -34,3 +34,11 @@ def quantize(sink, window, bits=8, group=16):
     if bits == "fp8":
         return {"strategy": "quantize_kv", "sink_size": sink, "window_size": window, "bits": 8, "fp8": True}
     return {"strategy": "quantize_kv", "sink_size": sink, "window_size": window, "bits": bits, "group_size": group}
+
+
+def triton_missing() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return True
+    return False

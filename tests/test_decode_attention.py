@@ -18,6 +18,7 @@ import torch
 import kv_quant
 from decode_attention import decode_attention, decode_attention_reference
 from kv_quant import QuantizedBody
+from tests.helpers import triton_missing
 
 CUDA = torch.cuda.is_available()
 
@@ -182,63 +183,13 @@ def test_custom_op_registration():
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU: the kernels under the Triton interpreter (TRITON_INTERPRET=1), where triton is installed
-# and there is no GPU; CI runs these. The interpreter is patched to do what the GPU does: bf16
-# dot operands are bf16 values (it multiplies their bit patterns), fp32 -> bf16 rounds to nearest
-# even (it truncates), fp32 dot operands lose their 13 low mantissa bits as tf32 (truncation: the
-# worse case), int() of a loaded scalar works under numpy >= 2.4. The 8-bit formats run their
-# portable conversions (the interpreter cannot run inline PTX).
+# CPU: the kernels under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py), where
+# triton is installed and there is no GPU; CI runs these. The 8-bit formats run their portable
+# conversions (the interpreter cannot run inline PTX); the triton_interpreter fixture patches the
+# interpreter's arithmetic to the GPU's.
 # ---------------------------------------------------------------------------------------------
 
-def _triton_missing():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return True
-    return False
-
-
-interp = pytest.mark.skipif(CUDA or _triton_missing(), reason="interpreter check: CPU only, needs triton")
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    import numpy as np
-    import triton.language as tl
-    import triton.runtime.interpreter as ti
-    from triton._C.libtriton import ir
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(tl.cdiv, InterpretedFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 (tests/conftest.py sets it)")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    orig_patch, orig_cast = ti._patch_lang_tensor, ti.InterpreterBuilder.cast_impl
-
-    def patch_tensor(tensor, scope):
-        orig_patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        def value(x):
-            if x.dtype.scalar == tl.bfloat16:
-                return (x.data.astype(np.uint32) << 16).view(np.float32)
-            if x.dtype.scalar == tl.float32 and input_precision == ir.INPUT_PRECISION.TF32:
-                return (x.data.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
-            return x.data.astype(np.float32)  # fp16 operands: exact products, fp32 sums
-        return ti.TensorHandle(np.matmul(value(a), value(b), dtype=d.data.dtype) + d.data, d.dtype.scalar)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
-            return ti.TensorHandle(t.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
-        return orig_cast(self, src, dst_type)
-
-    monkeypatch.setattr(ti, "_patch_lang_tensor", patch_tensor)
-    monkeypatch.setattr(ti.InterpreterBuilder, "create_dot", create_dot)
-    monkeypatch.setattr(ti.InterpreterBuilder, "cast_impl", cast_impl)
-    import decode_kernels
-
-    return decode_kernels
+interp = pytest.mark.skipif(CUDA or triton_missing(), reason="interpreter check: CPU only, needs triton")
 
 
 INTERP_CASES = [
@@ -264,12 +215,14 @@ INTERP_CASES = [
 @interp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", INTERP_CASES)
-def test_kernels_interpreted(interpreter, case, dtype):
+def test_kernels_interpreted(triton_interpreter, case, dtype):
     """Every format's kernel against the reference, on fresh inputs, output poisoned first."""
     q, k, v, el, mask, body, bl = _case(100 + INTERP_CASES.index(case), *case, dtype=dtype)
     ref = decode_attention_reference(q, k, v, el, mask, body, bl)
     out = torch.full_like(q, float("nan"))
-    interpreter.flash_decode(q, k, v, el, None if mask is None else mask.view(torch.uint8), body, bl,
+    from decode_kernels import flash_decode
+
+    flash_decode(q, k, v, el, None if mask is None else mask.view(torch.uint8), body, bl,
                              q.shape[-1] ** -0.5, out=out)
     assert torch.isfinite(out).all()
     # fp32 inputs: the dots run in tf32 (as on the GPU), or fp16 for the 8-bit codes, so not 1e-5.
@@ -278,11 +231,13 @@ def test_kernels_interpreted(interpreter, case, dtype):
 
 @interp
 @pytest.mark.parametrize("bits", [None, 8, "fp8", 4])
-def test_kernels_interpreted_with_nothing_valid(interpreter, bits):
+def test_kernels_interpreted_with_nothing_valid(triton_interpreter, bits):
     """No valid slot and an empty body: zeros, as the reference gives (not just finite values)."""
     q, k, v, el, mask, body, bl = _case(7, 1, 2, 4, 64, 32, 0, False, bits, 32 if bits == 4 else 1, 64, 0, torch.float32)
     out = torch.full_like(q, float("nan"))
-    interpreter.flash_decode(q, k, v, el, None, body, bl, 0.125, out=out)
+    from decode_kernels import flash_decode
+
+    flash_decode(q, k, v, el, None, body, bl, 0.125, out=out)
     ref = decode_attention_reference(q, k, v, el, None, body, bl)
     assert torch.equal(ref, torch.zeros_like(ref)) and torch.equal(out, ref)
 

@@ -13,7 +13,7 @@ import torch
 import ring_append
 from kv_quant import QuantizedBody
 from strategies import cache_factory
-from tests.helpers import VOCAB, compress, quantize, run, tiny_model
+from tests.helpers import VOCAB, compress, quantize, run, tiny_model, triton_missing
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -118,30 +118,50 @@ def random_body(bits, B, Hkv, L, D, G, dtype, device):
 def test_triton_equals_reference(bits, dtype, B, Hkv, D, sink, window, evict_block):
     if bits is not None and (bits in (8, "fp8")) != (evict_block == 1):
         pytest.skip("int8 and fp8 evict single tokens, KIVI groups of evict_block")
+    check_kernel_against_reference(ring_append._ring_append_op, bits, dtype, B, Hkv, D, sink, window, evict_block, "cuda")
+
+
+def check_kernel_against_reference(kernel, bits, dtype, B, Hkv, D, sink, window, evict_block, device, positions=None):
+    """Drive `kernel` (ring_append's Triton launch) and the reference from the same fresh random
+    buffers through the sink, the first evictions (KIVI: the first groups), ring wraps and later
+    groups; every buffer and both outputs must agree bit for bit."""
     torch.manual_seed(1)
     n = sink + window + evict_block
-    ek = torch.randn(B, Hkv, n, D, dtype=dtype, device="cuda") * 3
-    ev = torch.randn(B, Hkv, n, D, dtype=dtype, device="cuda")
-    body = bits and random_body(bits, B, Hkv, 1024, D, evict_block, dtype, "cuda")
+    ek = torch.randn(B, Hkv, n, D, dtype=dtype, device=device) * 3
+    ev = torch.randn(B, Hkv, n, D, dtype=dtype, device=device)
+    body = bits and random_body(bits, B, Hkv, 1024, D, evict_block, dtype, device)
     ek[0, 0, sink + 1] = 0  # an all-zero row: scale 1, codes 0
-    # Through the sink, the first evictions (KIVI: the first two groups), ring wraps, and later groups.
     first = sink + window + evict_block - 1
-    positions = list(range(0, first + evict_block + 3)) + list(range(300, 300 + 3 * n, 7))
-    positions += [first + m * evict_block for m in range(3, 20)]
+    if positions is None:
+        positions = list(range(0, first + evict_block + 3)) + list(range(300, 300 + 3 * n, 7))
+        positions += [first + m * evict_block for m in range(3, 20)]
     for p in positions:
-        pos = torch.tensor([p], device="cuda")
-        k = torch.randn(B, Hkv, D, dtype=dtype, device="cuda")
-        v = torch.randn(B, Hkv, D, dtype=dtype, device="cuda")
+        pos = torch.tensor([p], device=device)
+        k = torch.randn(B, Hkv, D, dtype=dtype, device=device)
+        v = torch.randn(B, Hkv, D, dtype=dtype, device=device)
         k[0, 0, 0] = v[0, 0, :evict_block] = 0  # keep a zero key channel and value group: scale 1, codes 0
         ref_ek, ref_ev = ek.clone(), ev.clone()
         ref_body = body and body.with_tensors(t if t is None else t.clone() for t in body.tensors())
         args = (None,) * 6 + (8, False) if body is None else (*ref_body.tensors(), ref_body.bits, ref_body.fp8)
         want = ring_append.ring_append_reference(pos, k, v, ref_ek, ref_ev, sink, window, evict_block, *args)
-        got = ring_append.ring_append(pos, k, v, ek, ev, sink, window, evict_block, body)
+        args = (None,) * 6 + (8, False) if body is None else (*body.tensors(), body.bits, body.fp8)
+        got = kernel(pos, k, v, ek, ev, sink, window, evict_block, *args)
         assert torch.equal(ek, ref_ek) and torch.equal(ev, ref_ev), p
         for got_t, want_t in zip(body.tensors(), ref_body.tensors()) if body else ():
             assert got_t is None or torch.equal(got_t, want_t), p
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), p
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or triton_missing(), reason="interpreter check: CPU only, needs triton")
+@pytest.mark.parametrize("bits,evict_block", [(8, 1), ("fp8", 1), (4, 8), (2, 16), (None, 1)],
+                         ids=["int8", "fp8", "int4", "int2", "exact-only"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_interpreted(triton_interpreter, bits, evict_block, dtype):
+    """The Triton kernel under the interpreter (CI has no GPU), bit for bit as on the GPU."""
+    n = 4 + 8 + evict_block
+    positions = list(range(0, 4 + 8 + 2 * evict_block + 2)) + [200 + 3 * i for i in range(n)]
+    check_kernel_against_reference(ring_append._ring_append_triton, bits, dtype, 2, 2, 32, 4, 8, evict_block, "cpu",
+                                   positions)
 
 
 def test_bad_arguments():

@@ -176,6 +176,21 @@ class QuantizedBody(NamedTuple):
         return QuantizedBody(self.bits, self.group_size, *tensors, fp8=self.fp8)
 
 
+def quantize_blocks(k: torch.Tensor, v: torch.Tensor, bits: int, group_size: int, fp8: bool, dtype: torch.dtype) -> tuple:
+    """What leaves the window, quantized: k, v [B, H, n * G, D] (n blocks of G tokens; G = 1 for
+    int8/fp8, the KIVI group otherwise) -> the six QuantizedBody tensors' new rows, in its layout:
+    token-indexed ones [B, H, n * G, X], KIVI key scale/zero [B, H, n, D], zeros None for 8-bit.
+    The one eviction of the engine: the cache's PyTorch path and ring_append's reference call it."""
+    if bits == 8:
+        quantize = quantize_fp8_per_token if fp8 else quantize_symmetric_per_token
+        (kc, ks), (vc, vs) = quantize(k, dtype), quantize(v, dtype)
+        return kc, ks, None, vc, vs, None
+    b, h, t, d = k.shape
+    kc, ks, kz = quantize_asymmetric_per_channel(k.view(b, h, t // group_size, group_size, d), bits, dtype)
+    vc, vs, vz = quantize_asymmetric_per_token_group(v, bits, group_size, dtype)
+    return (pack_codes(kc.view(b, h, t, d), bits), ks.squeeze(-2), kz.squeeze(-2), pack_codes(vc, bits), vs, vz)
+
+
 def dequantize_body(body: QuantizedBody, dtype=torch.float32):
     """QuantizedBody -> (k, v), each [B, Hkv, L, D] in `dtype`."""
     if body.bits == 8:

@@ -70,33 +70,17 @@ class QuantizedCache(SinkWindowCache):
             self._write_blocks(dest, k, v, n_cand)
 
     def _write_blocks(self, dest, k, v, n_cand):
-        bsz, h, _, d = k.shape
-        g, dt = self.evict_block, self.exact_k.dtype
+        bsz = k.shape[0]
+        g = self.evict_block
+        rows = kq.quantize_blocks(k, v, self.bits, self.group_size, self.fp8, self.exact_k.dtype)
         # Index the buffers as they are (tokens, or key groups): a write through a reshaped view
         # of a buffer makes the compiled step copy the whole buffer every step.
         token_dest = (dest[:, None] * g + torch.arange(g, device=dest.device)).flatten()  # [n_cand * G]
-
-        def put_tokens(buf, value):  # value [B, H, n_cand * G, X]
-            batch_rows(buf, bsz).index_copy_(2, token_dest, value.reshape(bsz, h, n_cand * g, -1))
-
-        def put_groups(buf, value):  # value [B, H, n_cand, X]
-            batch_rows(buf, bsz).index_copy_(2, dest, value.reshape(bsz, h, n_cand, -1))
-
-        if self.bits == 8:
-            quantize = kq.quantize_fp8_per_token if self.fp8 else kq.quantize_symmetric_per_token
-            for name, x in (("k", k), ("v", v)):
-                codes, scale = quantize(x, dt)
-                put_tokens(getattr(self, f"{name}_codes"), codes)
-                put_tokens(getattr(self, f"{name}_scale"), scale)
-            return
-        kc, ks, kz = kq.quantize_asymmetric_per_channel(k.view(bsz, h, n_cand, g, d), self.bits, dt)
-        put_tokens(self.k_codes, kq.pack_codes(kc, self.bits))
-        put_groups(self.k_scale, ks)
-        put_groups(self.k_zero, kz)
-        vc, vs, vz = kq.quantize_asymmetric_per_token_group(v, self.bits, self.group_size, dt)
-        put_tokens(self.v_codes, kq.pack_codes(vc, self.bits))
-        put_tokens(self.v_scale, vs)
-        put_tokens(self.v_zero, vz)
+        key_group_dest = dest if self.bits != 8 else token_dest  # KIVI key scale/zero: one row per group
+        dests = (token_dest, key_group_dest, key_group_dest, token_dest, token_dest, token_dest)
+        for buf, index, new in zip(self._body_buffers(), dests, rows):
+            if buf is not None:
+                batch_rows(buf, bsz).index_copy_(2, index, new)
 
     # -- reads ----------------------------------------------------------------------------
     def body(self, bsz: int) -> QuantizedBody:

@@ -36,12 +36,9 @@ def ring_append_reference(pos, k, v, exact_k, exact_v, sink, window, evict_block
     body length [1])."""
     p = pos.reshape(())
     ring = window + evict_block - 1
-    if k_codes is not None and bits == 8:
-        quantize = kv_quant.quantize_fp8_per_token if fp8 else kv_quant.quantize_symmetric_per_token
-        _quantize_leaving_token(p, exact_k, exact_v, sink, window, ring, k_codes, k_scale, v_codes, v_scale, quantize)
-    elif k_codes is not None:
-        _quantize_completed_group(p, exact_k, exact_v, sink, window, evict_block, bits,
-                                  k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+    if k_codes is not None:
+        _quantize_leaving_block(p, exact_k, exact_v, sink, window, evict_block, bits, fp8,
+                                (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero))
     slot = slot_of(p, sink, ring)
     exact_k[:, :, slot] = k
     exact_v[:, :, slot] = v
@@ -49,32 +46,20 @@ def ring_append_reference(pos, k, v, exact_k, exact_v, sink, window, evict_block
     return held >= 0, n_evicted(pos, sink, window, evict_block)
 
 
-def _quantize_leaving_token(p, exact_k, exact_v, sink, window, ring, k_codes, k_scale, v_codes, v_scale, quantize):
-    """int8 or fp8 (evict_block 1): the token leaving the window at this step, if any, into body
-    row leaving - sink."""
-    leaving = p - window
-    slot = slot_of(leaving.clamp(min=sink), sink, ring)
-    row = (leaving - sink).clamp(min=0)
-    keep = (leaving >= sink).reshape(1, 1, 1)
-    for src, codes, scale in ((exact_k, k_codes, k_scale), (exact_v, v_codes, v_scale)):
-        c, s = quantize(src[:, :, slot], scale.dtype)
-        codes[:, :, row] = torch.where(keep, c, codes[:, :, row])
-        scale[:, :, row] = torch.where(keep, s, scale[:, :, row])
-
-
-def _quantize_completed_group(p, exact_k, exact_v, sink, window, g, bits, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero):
-    """KIVI (evict_block g): group j, once its last token leaves the window at this step, into body
-    rows j * g + [0, g) (key scale and zero: row j). quantize_kv.QuantizedCache.evict for one token."""
+def _quantize_leaving_block(p, exact_k, exact_v, sink, window, g, bits, fp8, body):
+    """The block whose last token leaves the window at this step, if one does, quantized into
+    the body (kv_quant.quantize_blocks, as the cache's own eviction): block j is body rows
+    j * g + [0, g), its KIVI key scale and zero row j. int8/fp8 blocks are single tokens (g = 1)."""
     past = p - sink - window + 1  # non-sink tokens that have left the window
     complete = (past >= g) & (torch.remainder(past, g) == 0)
     j = (torch.div(past, g, rounding_mode="floor") - 1).clamp(min=0).reshape(1)
     rows = j * g + torch.arange(g, device=p.device)  # [G]
-    slots = slot_of(sink + rows, sink, window + g - 1)  # the group's tokens, still in the ring
-    kc, ks, kz = kv_quant.quantize_asymmetric_per_channel(exact_k[:, :, slots], bits, k_scale.dtype)
-    vc, vs, vz = kv_quant.quantize_asymmetric_per_token_group(exact_v[:, :, slots], bits, g, v_scale.dtype)
-    for buf, idx, new in ((k_codes, rows, kv_quant.pack_codes(kc, bits)), (k_scale, j, ks), (k_zero, j, kz),
-                          (v_codes, rows, kv_quant.pack_codes(vc, bits)), (v_scale, rows, vs), (v_zero, rows, vz)):
-        buf[:, :, idx] = torch.where(complete, new, buf[:, :, idx])
+    slots = slot_of(sink + rows, sink, window + g - 1)  # the block's tokens, still in the ring
+    new = kv_quant.quantize_blocks(exact_k[:, :, slots], exact_v[:, :, slots], bits, g, fp8, body[1].dtype)
+    per_group = j if bits != 8 else rows
+    for buf, idx, value in zip(body, (rows, per_group, per_group, rows, rows, rows), new):
+        if buf is not None:
+            buf[:, :, idx] = torch.where(complete, value, buf[:, :, idx])
 
 
 @functools.lru_cache(maxsize=None)

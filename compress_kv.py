@@ -11,8 +11,7 @@ window every step. `rope="original"` keeps absolute distances everywhere (for co
 """
 import torch
 
-from decode_attention import decode_attention
-from kv_cache import segment_attention
+from decode_attention import attention_reference, decode_attention
 from rope import apply_rotary_emb
 from sink_window import SinkWindowCache
 
@@ -48,4 +47,4 @@ class CompressedCache(SinkWindowCache):
         sink, window = self.attention_inputs(input_pos, bsz)
         back = self.freqs_cis[shift] * torch.tensor([1.0, -1.0], device=q.device)  # rotation by -shift
         q_sink = apply_rotary_emb(q.transpose(1, 2), back).transpose(1, 2)
-        return segment_attention([(q_sink, *sink), (q, *window)])
+        return attention_reference([(q_sink, *sink), (q, *window)])

@@ -14,37 +14,48 @@ import torch
 from kv_quant import QuantizedBody, dequantize_body
 
 
-def decode_attention_reference(q, k, v, exact_len, exact_mask=None, body=None, body_len=None, sm_scale=None):
-    """PyTorch definition: dequantize, concatenate [body; exact], masked softmax in fp32.
+def attention_reference(segments: list[tuple], sm_scale: Optional[float] = None) -> torch.Tensor:
+    """The engine's one PyTorch attention: one softmax, in fp32, over key segments that each see
+    their own query (the same q, or StreamingLLM's sink query, rotated differently).
 
-    No host syncs (lengths stay on the device), so it also runs inside a CUDA graph.
+    segments: (q [B, Hq, T, D], k [B, Hkv, N_i, D], v [B, Hkv, N_i, D], valid [T, N_i] bool) each;
+    GQA by grouping the query heads of a KV head. A query row that sees nothing gets zeros. No
+    host syncs, so it also runs inside a CUDA graph (the CPU and prefill paths of the caches, and
+    the decode kernels' reference).
     """
-    B, Hq, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    n_rep = Hq // Hkv
-    scale = D ** -0.5 if sm_scale is None else sm_scale
-    keys, values = [k.float()], [v.float()]
-    valid = torch.ones(N, dtype=torch.bool, device=k.device)  # [N]
+    q0 = segments[0][0]
+    bsz, n_head, t, d = q0.shape
+    n_kv = segments[0][1].shape[1]
+    scale = d**-0.5 if sm_scale is None else sm_scale
+    scores, values, valids = [], [], []
+    for q, k, v, valid in segments:
+        qg = q.float().reshape(bsz, n_kv, n_head // n_kv, t, d)  # [B, Hkv, rep, T, D]
+        scores.append(torch.einsum("bgrtd,bgnd->bgrtn", qg, k.float()) * scale)
+        values.append(v.float().masked_fill(~valid.any(0)[:, None], 0.0))  # an unseen slot may hold NaN
+        valids.append(valid)
+    valid = torch.cat(valids, dim=-1)  # [T, N]
+    s = torch.cat(scores, dim=-1).masked_fill(~valid, float("-inf"))
+    # A row with nothing valid would softmax to NaN: give it zeros instead.
+    p = torch.softmax(s.masked_fill(~valid.any(-1, keepdim=True), 0.0), dim=-1) * valid
+    y = torch.einsum("bgrtn,bgnd->bgrtd", p, torch.cat(values, dim=2))
+    return y.reshape(bsz, n_head, t, d).to(q0.dtype)
+
+
+def decode_attention_reference(q, k, v, exact_len, exact_mask=None, body=None, body_len=None, sm_scale=None):
+    """decode_attention in PyTorch: the body dequantized with kv_quant, then attention_reference
+    over [body; exact slots]."""
+    n = k.shape[2]
+    valid = torch.ones(n, dtype=torch.bool, device=k.device)  # [N]
     if exact_len is not None:
-        valid &= torch.arange(N, device=k.device) < exact_len.reshape(())
+        valid &= torch.arange(n, device=k.device) < exact_len.reshape(())
     if exact_mask is not None:
         valid = valid & exact_mask
-    valids = [valid]
+    segments = [(q[:, :, None], k, v, valid[None])]
     if body is not None:
         kb, vb = dequantize_body(body, torch.float32)
-        L = kb.shape[2]
-        keys.insert(0, kb)
-        values.insert(0, vb)
-        valids.insert(0, torch.arange(L, device=k.device) < body_len.reshape(()))
-    keys = torch.cat(keys, dim=2).repeat_interleave(n_rep, dim=1)  # [B, Hq, L+N, D]
-    values = torch.cat(values, dim=2).repeat_interleave(n_rep, dim=1)
-    valid = torch.cat(valids)  # [L+N]
-    scores = torch.einsum("bhd,bhnd->bhn", q.float(), keys) * scale
-    scores = scores.masked_fill(~valid, float("-inf"))
-    # With no valid slot every score is -inf; softmax would give NaN, we give zeros.
-    p = torch.softmax(scores.masked_fill(~valid.any(), 0.0), dim=-1) * valid
-    out = torch.einsum("bhn,bhnd->bhd", p, values.masked_fill(~valid[:, None], 0.0))
-    return out.to(q.dtype)
+        body_valid = torch.arange(kb.shape[2], device=k.device) < body_len.reshape(())
+        segments.insert(0, (q[:, :, None], kb, vb, body_valid[None]))
+    return attention_reference(segments, sm_scale)[:, :, 0]
 
 
 # The kernels as one custom op (flat arguments), so torch.compile(fullgraph=True) keeps the call.

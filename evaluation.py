@@ -26,7 +26,7 @@ MAGIC = "The special magic number is"
 
 # -- corpus ---------------------------------------------------------------------------------------
 def load_corpus(text_file: Optional[Path] = None) -> str:
-    """Python's own documentation (DESIGN.md's evaluation text), or the given UTF-8 file."""
+    """Python's own documentation (docs/design.md: the evaluation text), or the given UTF-8 file."""
     if text_file is None:
         from pydoc_data.topics import topics
 

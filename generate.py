@@ -220,7 +220,7 @@ def compiled_step(device: str, compile_decode: bool, batch_size: int) -> Callabl
     # tuned Triton reductions fused with the RMSNorm before them (w1/w3 as one, w2 with the SiLU
     # product): 10% faster than cuBLAS's GEMVs per step on an H100. Past batch 1 it cannot rewrite
     # the GEMMs; it only doubled the compile time and re-tuned small kernels slower
-    # (notes/kernel.md, session 3).
+    # (docs/results.md).
     options = {"triton.cudagraphs": True, "coordinate_descent_tuning": batch_size == 1}
     return torch.compile(decode_one_token, fullgraph=True, options=options)
 

@@ -11,9 +11,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from decode_attention import decode_attention
+from decode_attention import attention_reference, decode_attention
 
 
 class KVCache(nn.Module):
@@ -50,14 +49,6 @@ def full_cache_nbytes(batch_size: int, n_tokens: int, n_kv_heads: int, head_dim:
     return 2 * batch_size * n_tokens * n_kv_heads * head_dim * n_layers * itemsize
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q [B, Hq, T, D] over k, v [B, Hkv, N, D] where mask [T, N] (True = visible); GQA by grouping.
-
-    Every query row must see at least one key (the caller guarantees its own token is visible).
-    """
-    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True)
-
-
 class FullCache(KVCache):
     """Static preallocated cache of max_seq_length tokens in the model's dtype (gpt-fast's)."""
 
@@ -84,25 +75,4 @@ class FullCache(KVCache):
             n = int(input_pos[-1]) + 1
             k, v = k[:, :, :n], v[:, :, :n]
         mask = torch.arange(k.shape[2], device=q.device)[None, :] <= input_pos[:, None]
-        return masked_attention(q, k, v, mask)
-
-
-def segment_attention(segments: list[tuple]) -> torch.Tensor:
-    """One softmax over several key segments that each see their own query.
-
-    segments: (q [B, Hq, T, D], k [B, Hkv, N_i, D], v [B, Hkv, N_i, D], mask [T, N_i]) each.
-    Used where a segment's query is rotated differently (StreamingLLM's sink positions); the
-    scores are materialised in fp32, so keep N small.
-    """
-    q0 = segments[0][0]
-    bsz, n_head, t, d = q0.shape
-    n_kv = segments[0][1].shape[1]
-    scores, values = [], []
-    for q, k, v, mask in segments:
-        qg = q.float().view(bsz, n_kv, n_head // n_kv, t, d)  # [B, Hkv, rep, T, D]
-        s = torch.einsum("bgrtd,bgnd->bgrtn", qg, k.float()) * d**-0.5
-        scores.append(s.masked_fill(~mask, float("-inf")))
-        values.append(v.float())
-    p = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
-    y = torch.einsum("bgrtn,bgnd->bgrtd", p, torch.cat(values, dim=2))
-    return y.reshape(bsz, n_head, t, d).to(q0.dtype)
+        return attention_reference([(q, k, v, mask)])

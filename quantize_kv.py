@@ -16,8 +16,8 @@ group is a trash group for masked writes); per-group key parameters are [B, H, n
 import torch
 
 import kv_quant as kq
-from decode_attention import decode_attention
-from kv_cache import batch_rows, masked_attention
+from decode_attention import attention_reference, decode_attention
+from kv_cache import batch_rows
 from kv_quant import QuantizedBody
 from profiling import profiler_range
 from sink_window import SinkWindowCache, floor_div
@@ -120,4 +120,4 @@ class QuantizedCache(SinkWindowCache):
         body_mask = torch.arange(body_k.shape[2], device=q.device)[None, :] < self.n_quantized(input_pos)[:, None]
         k = torch.cat([sink_k, body_k, win_k.to(q.dtype)], dim=2)
         v = torch.cat([sink_v, body_v, win_v.to(q.dtype)], dim=2)
-        return masked_attention(q, k, v, torch.cat([sink_mask, body_mask, win_mask], dim=1))
+        return attention_reference([(q, k, v, torch.cat([sink_mask, body_mask, win_mask], dim=1))])

@@ -28,7 +28,6 @@ import decode_kernels as dk
 import kv_quant
 
 HQ, HKV, D = 32, 8, 128
-# (BLOCK_N, num_warps, num_stages) tried per format at B=8; run 1 (notes/kernel.md) settled bf16/int8.
 # (BLOCK_N, num_warps, num_stages, waves) tried per format (decode_kernels.CONFIGS).
 SWEEP = {
     "bf16": [(64, 4, 3, 8), (64, 4, 4, 8), (128, 4, 3, 8), (128, 8, 3, 8), (64, 4, 4, 16)],

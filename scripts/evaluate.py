@@ -37,7 +37,7 @@ from kv_cache import full_cache_nbytes
 SINK = 16
 FULL = {"strategy": "full"}
 DEFAULT_OUT = Path("outputs/eval.json")
-# DESIGN.md's known answers: default model, fp32, default text, first 2048 tokens, no BOS.
+# The known answers (docs/design.md): default model, fp32, default text, first 2048 tokens, no BOS.
 KNOWN_PPL_2048 = {"full": 11.8832, "quantize_kv int8 s16 w32": 11.8889, "quantize_kv int4 s16 w32": 11.94}
 
 
@@ -387,7 +387,7 @@ def _needle_in_grid(key: str, args) -> bool:
 
 
 def known_answers(args, table, full_ppl) -> dict:
-    """DESIGN.md's reference figures, checked when this run is the setting they were made in."""
+    """The known answers of docs/design.md, checked when this run is the setting they were made in."""
     if not (args.checkpoint_path is None and args.text_file is None and args.ppl_tokens == 2048 and args.dtype == "torch.float32"):
         return {}
     got = {r["label"]: r["ppl"] for r in table}

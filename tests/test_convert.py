@@ -151,7 +151,7 @@ def test_a_legacy_pickle_bin_still_converts(tmp_path):
 
 def test_writing_model_pth_leaves_other_files_alone(tmp_path):
     _hf_model("llama", n_kv_heads=2).save_pretrained(tmp_path)
-    (tmp_path / "model.partial").write_text("the user's")  # the name the conversion used to write through
+    (tmp_path / "model.partial").write_text("the user's")  # a name a careless writer would pick
     convert(tmp_path, model_name="tiny")
     assert (tmp_path / "model.partial").read_text() == "the user's"
     assert [p.name for p in tmp_path.glob("*partial*")] == ["model.partial"]  # no temporary file left behind

@@ -83,7 +83,7 @@ def perplexity(model, ids, settings):
 
 
 def test_quantized_int8_perplexity_close_to_full(ours, checkpoint):
-    """DESIGN.md's known answers: full 11.8832, int8 sink 16 / window 32 11.8889 on the first
+    """The known answers (docs/design.md): full 11.8832, int8 sink 16 / window 32 11.8889 on the first
     2048 tokens of Python's documentation text (chunked feeding is tested equal to token by token)."""
     text = "\n\n".join(pydoc_data.topics.topics.values())
     ids = get_tokenizer(checkpoint.parent).encode(text[:20000])[:2048]

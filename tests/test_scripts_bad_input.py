@@ -1,4 +1,4 @@
-"""Bad input to the scripts (issue 13): one `error:` line on stderr that says what to do, a
+"""Bad input to the scripts: one `error:` line on stderr that says what to do, a
 non-zero exit status, no traceback, and nothing written anywhere. Each command runs from an empty
 working folder beside the files it is given, so a file written relative to the current folder
 shows up too. And the other side: a bug of ours is a traceback, not advice."""

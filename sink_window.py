@@ -13,8 +13,9 @@ position P the exact tokens are the sink plus positions [sink + n_evicted(P), P]
 Sink and ring share one buffer `exact_k/exact_v` [B, H, sink + ring + 1, D]; the last slot is a
 trash slot that absorbs writes which must not land (a masked write without a host sync).
 
-A decode step on the GPU writes through one ring_append kernel per layer; prefill chunks and the
-CPU take the PyTorch path below, which is also the kernel's reference.
+A decode step through the decode kernels writes with one ring_append call per layer; prefill
+chunks, and caches built without the decode kernels, take the PyTorch path below (the slot rules
+of ring_layout and the quantization of kv_quant.quantize_blocks, as ring_append's reference).
 """
 import torch
 

@@ -81,11 +81,6 @@ def test_slurm_submission_resolves(words):
     assert r.returncode == 0 and r.stdout.startswith("sbatch "), r.stderr
 
 
-@pytest.mark.parametrize("words", [c for c in COMMANDS if c[0] == "sbatch"], ids=lambda c: " ".join(c)[:80])
-def test_sbatch_script_exists(words):
-    assert any((ROOT / w).is_file() for w in words if w.endswith(".sbatch"))
-
-
 def is_short_cpu_run(words: list[str]) -> bool:
     """A generate.py command that runs on the CPU with the default model in seconds."""
     if words[:2] != ["python", "generate.py"] or {"--compile", "--checkpoint_path"} & set(words):

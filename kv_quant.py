@@ -155,7 +155,7 @@ class QuantizedBody(NamedTuple):
     [B, Hkv, L, D/group_size] (per token over channel groups).
     """
     bits: int
-    group_size: int
+    group_size: int  # KIVI: tokens per key group and channels per value group; 0 for int8/fp8 (no groups)
     k_codes: torch.Tensor
     k_scale: torch.Tensor
     k_zero: Optional[torch.Tensor]

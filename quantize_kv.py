@@ -87,7 +87,7 @@ class QuantizedCache(SinkWindowCache):
         """The quantized body (rows taken with batch_rows: a decode step's ring_append writes
         through them)."""
         tensors = [None if t is None else batch_rows(t, bsz) for t in self._body_buffers()]
-        return QuantizedBody(self.bits, self.evict_block, *tensors, fp8=self.fp8)
+        return QuantizedBody(self.bits, self.group_size if self.bits != 8 else 0, *tensors, fp8=self.fp8)
 
     def _body_buffers(self) -> tuple:
         zeros = (self.k_zero, self.v_zero) if self.bits != 8 else (None, None)

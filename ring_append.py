@@ -255,9 +255,9 @@ def ring_append(pos, k, v, exact_k, exact_v, sink, window, evict_block, body=Non
         raise ValueError(f"ring_append: k, v must be [{B}, {Hkv}, {D}], got {tuple(k.shape)}, {tuple(v.shape)}")
     if N != sink + window + evict_block:
         raise ValueError(f"ring_append: {N} exact slots, expected sink + ring + 1 = {sink + window + evict_block}")
-    if body is not None and evict_block != body.group_size:
-        raise ValueError(f"ring_append: evict_block {evict_block} must be the body's group size {body.group_size} "
-                         "(1 for int8: single tokens; KIVI evicts whole groups)")
+    if body is not None and evict_block != (1 if body.bits == 8 else body.group_size):
+        raise ValueError(f"ring_append: evict_block {evict_block} must be 1 for int8/fp8 (single tokens) and the "
+                         f"KIVI group for int4/int2 (whole groups; this body's: {body.group_size})")
     if k.is_cuda and (exact_k.stride(3) != 1 or exact_v.stride() != exact_k.stride() or D & (D - 1)):
         raise ValueError("ring_append: the kernel needs exact_k/v alike with contiguous rows, and a power-of-two head dim")
     if k.is_cuda and body is not None and not _kernel_takes(body, D):

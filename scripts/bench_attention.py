@@ -76,7 +76,7 @@ def make_body(B, L, bits, g) -> kv_quant.QuantizedBody:
     if bits in (8, "fp8"):
         quantize = kv_quant.quantize_fp8_per_token if bits == "fp8" else kv_quant.quantize_symmetric_per_token
         (kc, ks), (vc, vs) = quantize(k, torch.bfloat16), quantize(v, torch.bfloat16)
-        return kv_quant.QuantizedBody(8, 1, kc, ks, None, vc, vs, None, fp8=bits == "fp8")
+        return kv_quant.QuantizedBody(8, 0, kc, ks, None, vc, vs, None, fp8=bits == "fp8")
     kc, ks, kz = kv_quant.quantize_asymmetric_per_channel(k.reshape(B, HKV, L // g, g, D), bits, torch.bfloat16)
     vc, vs, vz = kv_quant.quantize_asymmetric_per_token_group(v, bits, g, torch.bfloat16)
     return kv_quant.QuantizedBody(bits, g, kv_quant.pack_codes(kc.reshape(B, HKV, L, D), bits), ks.squeeze(-2),

@@ -36,11 +36,11 @@ def make_body(B, Hkv, L, D, bits, group_size, dtype, device="cpu", gen=None):
     if bits == "fp8":
         kc, ks = kv_quant.quantize_fp8_per_token(k, dtype)
         vc, vs = kv_quant.quantize_fp8_per_token(v, dtype)
-        return QuantizedBody(8, group_size, kc, ks, None, vc, vs, None, fp8=True)
+        return QuantizedBody(8, 0, kc, ks, None, vc, vs, None, fp8=True)
     if bits == 8:
         kc, ks = kv_quant.quantize_symmetric_per_token(k, dtype)
         vc, vs = kv_quant.quantize_symmetric_per_token(v, dtype)
-        return QuantizedBody(8, group_size, kc, ks, None, vc, vs, None)
+        return QuantizedBody(8, 0, kc, ks, None, vc, vs, None)
     g = group_size
     kc, ks, kz = kv_quant.quantize_asymmetric_per_channel(k.reshape(B, Hkv, L // g, g, D), bits, dtype)
     kc = kv_quant.pack_codes(kc.reshape(B, Hkv, L, D), bits)

@@ -62,12 +62,13 @@ def decode_attention_reference(q, k, v, exact_len, exact_mask=None, body=None, b
 @torch.library.custom_op("kvcache::decode_attention", mutates_args=())
 def _decode_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, exact_len: Optional[torch.Tensor],
-    exact_mask: Optional[torch.Tensor], bits: int, group_size: int, fp8: bool,
+    exact_mask: Optional[torch.Tensor], bits: int, key_group: int, value_group: int, fp8: bool,
     k_codes: Optional[torch.Tensor], k_scale: Optional[torch.Tensor], k_zero: Optional[torch.Tensor],
     v_codes: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], v_zero: Optional[torch.Tensor],
     body_len: Optional[torch.Tensor], sm_scale: float,
 ) -> torch.Tensor:
-    body = None if k_codes is None else QuantizedBody(bits, group_size, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fp8)
+    body = None if k_codes is None else QuantizedBody(bits, key_group, value_group, k_codes, k_scale, k_zero, v_codes,
+                                                      v_scale, v_zero, fp8)
     if q.is_cuda:
         from decode_kernels import flash_decode
 
@@ -77,7 +78,7 @@ def _decode_attention_op(
 
 
 @_decode_attention_op.register_fake
-def _(q, k, v, exact_len, exact_mask, bits, group_size, fp8, k_codes, k_scale, k_zero,
+def _(q, k, v, exact_len, exact_mask, bits, key_group, value_group, fp8, k_codes, k_scale, k_zero,
       v_codes, v_scale, v_zero, body_len, sm_scale):
     return torch.empty_like(q)
 
@@ -121,18 +122,19 @@ def _check_args(q, k, v, exact_len, exact_mask, body, body_len):
         _check(body.k_scale.shape == want + (1,) and body.v_scale.shape == want + (1,), "bits 8 scales must be [B, Hkv, L, 1]")
         return
     _check(body.bits in (4, 2), f"body.bits must be 8, 4 or 2, got {body.bits}")
-    g = body.group_size
-    _check(g >= 16 and g & (g - 1) == 0 and D % g == 0, f"group_size {g} must be a power of two >= 16 dividing D={D}")
-    _check(L % g == 0, f"body capacity {L} must be a multiple of group_size {g}")
+    kg, vg = body.key_group, body.value_group
+    _check(kg >= 16 and kg & (kg - 1) == 0, f"key_group {kg} must be a power of two >= 16")
+    _check(vg >= 16 and vg & (vg - 1) == 0 and D % vg == 0, f"value_group {vg} must be a power of two >= 16 dividing D={D}")
+    _check(L % kg == 0, f"body capacity {L} must be a multiple of key_group {kg}")
     dp = D * body.bits // 8
     _check(body.k_codes.dtype == torch.uint8 and body.v_codes.dtype == torch.uint8, "bits 4/2 codes must be uint8")
     _check(body.k_codes.shape == want + (dp,) and body.v_codes.shape == want + (dp,), f"packed codes must be [B, Hkv, L, {dp}]")
     _check(dp >= 16 or not q.is_cuda, f"packed rows of {dp} bytes are too narrow for the kernel (D={D}, bits={body.bits})")
     _check(body.k_zero is not None and body.v_zero is not None, "bits 4/2 need k_zero and v_zero")
-    _check(body.k_scale.shape == (B, Hkv, L // g, D) and body.k_zero.shape == body.k_scale.shape,
-           f"k_scale/k_zero must be [B, Hkv, L/{g}, D]")
-    _check(body.v_scale.shape == want + (D // g,) and body.v_zero.shape == body.v_scale.shape,
-           f"v_scale/v_zero must be [B, Hkv, L, D/{g}]")
+    _check(body.k_scale.shape == (B, Hkv, L // kg, D) and body.k_zero.shape == body.k_scale.shape,
+           f"k_scale/k_zero must be [B, Hkv, L/{kg}, D]")
+    _check(body.v_scale.shape == want + (D // vg,) and body.v_zero.shape == body.v_scale.shape,
+           f"v_scale/v_zero must be [B, Hkv, L, D/{vg}]")
     _check(body.k_zero.stride() == body.k_scale.stride() and body.v_zero.stride() == body.v_scale.stride(),
            "zeros must have the same strides as their scales")
 
@@ -147,6 +149,6 @@ def decode_attention(q, k, v, exact_len, exact_mask=None, body=None, body_len=No
     _check_args(q, k, v, exact_len, exact_mask, body, body_len)
     scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
     if body is None:
-        return _decode_attention_op(q, k, v, exact_len, exact_mask, 16, 1, False, *(None,) * 7, scale)
-    return _decode_attention_op(q, k, v, exact_len, exact_mask, body.bits, body.group_size, body.fp8,
+        return _decode_attention_op(q, k, v, exact_len, exact_mask, 16, 0, 0, False, *(None,) * 7, scale)
+    return _decode_attention_op(q, k, v, exact_len, exact_mask, body.bits, body.key_group, body.value_group, body.fp8,
                                 *body.tensors(), body_len, scale)

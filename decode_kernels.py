@@ -274,7 +274,7 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
     if body is not None:
         block_n, warps, stages, waves = CONFIGS[(body.format, D)]
         if body.bits != 8:
-            block_n = min(block_n, body.group_size)  # a KIVI tile within one key group
+            block_n = min(block_n, body.key_group)  # a KIVI tile within one key group
         segments.append((body.format, body.k_codes.shape[2], block_n, warps, stages))
     block_n, warps, stages, exact_waves = CONFIGS[("exact", D)]
     segments.append(("exact", N, block_n, warps, stages))
@@ -310,7 +310,7 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
                 q, q.stride(0), q.stride(1), body.k_codes, *body.k_codes.stride()[:3],
                 body.v_codes, *body.v_codes.stride()[:3], body.k_scale, body.k_zero, *body.k_scale.stride()[:3],
                 body.v_scale, body.v_zero, *body.v_scale.stride()[:3], body_len, q, *outputs,
-                BITS=body.bits, G=body.group_size, HAS_LEN=True, HAS_MASK=False,
+                BITS=body.bits, G=body.key_group, VG=body.value_group, HAS_LEN=True, HAS_MASK=False,
                 KIVI_ASM=KIVI_ASM and q.is_cuda and q.dtype == torch.bfloat16, **launch)
         offset += n_splits
     if out is None:

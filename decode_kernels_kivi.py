@@ -4,8 +4,8 @@ segment of packed codes, launched by decode_kernels (which combines the splits).
 Planar packing (kv_quant): byte j of a token holds channels j, j + DP, ... at bit offsets 0, BITS,
 ...; plane i = channels [i*DP, (i+1)*DP). Each tile is loaded once as dense [BLOCK_N, DP] bytes and
 unpacked per plane in registers; the dots run per plane over DP channels, one fp32 accumulator
-[M, DP] per plane. A tile never spans two key groups (BLOCK_N <= G, splits start on tile
-boundaries). bf16 caches (KIVI_ASM) unpack and dequantize with packed-register PTX, a few
+[M, DP] per plane. A tile never spans two key groups (BLOCK_N <= G, the key group, and splits
+start on tile boundaries); VG is the value group. bf16 caches (KIVI_ASM) unpack and dequantize with packed-register PTX, a few
 instructions per code pair; other dtypes and the interpreter take the portable path.
 """
 import triton
@@ -140,7 +140,7 @@ def kivi_partial_kernel(
     sl_b, sl_h,
     qk_scale, Hkv, split_offset, n_splits, cap,
     N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-    G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
     KIVI_ASM: tl.constexpr,
 ):
     b = tl.program_id(0) // Hkv
@@ -167,7 +167,7 @@ def kivi_partial_kernel(
     # Values of a bf16 cache (KIVI_ASM) load as [BLOCK_N, NGP, GV]: GV channels of a plane
     # share one value group, so each token's (scale, zero) broadcasts along the last axis in
     # registers; a reshape to [BLOCK_N, DP] then feeds the dot.
-    GV: tl.constexpr = G if G < DP else DP
+    GV: tl.constexpr = VG if VG < DP else DP
     NGP: tl.constexpr = DP // GV
     offs_v3 = tl.arange(0, NGP)[None, :, None] * GV + tl.arange(0, GV)[None, None, :]  # [1, NGP, GV]
     if NPL == 4:
@@ -217,23 +217,23 @@ def kivi_partial_kernel(
                 f0, f1 = _unpack_planes(vb3, BITS)
             else:
                 f0, f1, f2, f3 = _unpack_planes(vb3, BITS)
-            acc0 = tl.dot(pq, _kivi_value_plane_bf16(f0, vs_row, vz_row, ok_n, 0, DP, G, NGP, BLOCK_N), acc0 * alpha[:, None])
-            acc1 = tl.dot(pq, _kivi_value_plane_bf16(f1, vs_row, vz_row, ok_n, 1, DP, G, NGP, BLOCK_N), acc1 * alpha[:, None])
+            acc0 = tl.dot(pq, _kivi_value_plane_bf16(f0, vs_row, vz_row, ok_n, 0, DP, VG, NGP, BLOCK_N), acc0 * alpha[:, None])
+            acc1 = tl.dot(pq, _kivi_value_plane_bf16(f1, vs_row, vz_row, ok_n, 1, DP, VG, NGP, BLOCK_N), acc1 * alpha[:, None])
             if NPL == 4:
-                acc2 = tl.dot(pq, _kivi_value_plane_bf16(f2, vs_row, vz_row, ok_n, 2, DP, G, NGP, BLOCK_N),
+                acc2 = tl.dot(pq, _kivi_value_plane_bf16(f2, vs_row, vz_row, ok_n, 2, DP, VG, NGP, BLOCK_N),
                               acc2 * alpha[:, None])
-                acc3 = tl.dot(pq, _kivi_value_plane_bf16(f3, vs_row, vz_row, ok_n, 3, DP, G, NGP, BLOCK_N),
+                acc3 = tl.dot(pq, _kivi_value_plane_bf16(f3, vs_row, vz_row, ok_n, 3, DP, VG, NGP, BLOCK_N),
                               acc3 * alpha[:, None])
         else:
             vb = tl.load(v_base + offs_n[:, None] * svn + offs_p[None, :], mask=ok_n[:, None], other=0)  # [BLOCK_N, DP]
-            v0 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 0, DP, G, BITS, BLOCK_N).to(q0.dtype)
+            v0 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 0, DP, VG, BITS, BLOCK_N).to(q0.dtype)
             acc0 = tl.dot(pq, v0, acc0 * alpha[:, None])
-            v1 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 1, DP, G, BITS, BLOCK_N).to(q0.dtype)
+            v1 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 1, DP, VG, BITS, BLOCK_N).to(q0.dtype)
             acc1 = tl.dot(pq, v1, acc1 * alpha[:, None])
             if NPL == 4:
-                v2 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 2, DP, G, BITS, BLOCK_N).to(q0.dtype)
+                v2 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 2, DP, VG, BITS, BLOCK_N).to(q0.dtype)
                 acc2 = tl.dot(pq, v2, acc2 * alpha[:, None])
-                v3 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 3, DP, G, BITS, BLOCK_N).to(q0.dtype)
+                v3 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 3, DP, VG, BITS, BLOCK_N).to(q0.dtype)
                 acc3 = tl.dot(pq, v3, acc3 * alpha[:, None])
 
     # ---- this split's normalized output and log2-sum-exp ----

@@ -151,11 +151,12 @@ class QuantizedBody(NamedTuple):
     bits 8: k/v_codes [B, Hkv, L, D] int8 (or uint8 e4m3 bit patterns when fp8), k/v_scale
     [B, Hkv, L, 1], zeros None.
     bits 4/2 (KIVI): k/v_codes uint8 [B, Hkv, L, D*bits/8] (planar), k_scale/k_zero
-    [B, Hkv, L/group_size, D] (per channel over token groups), v_scale/v_zero
-    [B, Hkv, L, D/group_size] (per token over channel groups).
+    [B, Hkv, L/key_group, D] (per channel over groups of key_group tokens), v_scale/v_zero
+    [B, Hkv, L, D/value_group] (per token over groups of value_group channels).
     """
     bits: int
-    group_size: int  # KIVI: tokens per key group and channels per value group; 0 for int8/fp8 (no groups)
+    key_group: int  # KIVI: tokens per key group; 0 for int8/fp8 (no groups)
+    value_group: int  # KIVI: channels per value group; 0 for int8/fp8
     k_codes: torch.Tensor
     k_scale: torch.Tensor
     k_zero: Optional[torch.Tensor]
@@ -173,12 +174,13 @@ class QuantizedBody(NamedTuple):
         return self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero
 
     def with_tensors(self, tensors) -> "QuantizedBody":
-        return QuantizedBody(self.bits, self.group_size, *tensors, fp8=self.fp8)
+        return QuantizedBody(self.bits, self.key_group, self.value_group, *tensors, fp8=self.fp8)
 
 
-def quantize_blocks(k: torch.Tensor, v: torch.Tensor, bits: int, group_size: int, fp8: bool, dtype: torch.dtype) -> tuple:
+def quantize_blocks(k: torch.Tensor, v: torch.Tensor, bits: int, key_group: int, value_group: int, fp8: bool,
+                    dtype: torch.dtype) -> tuple:
     """What leaves the window, quantized: k, v [B, H, n * G, D] (n blocks of G tokens; G = 1 for
-    int8/fp8, the KIVI group otherwise) -> the six QuantizedBody tensors' new rows, in its layout:
+    int8/fp8, the KIVI key group otherwise) -> the six QuantizedBody tensors' new rows, in its layout:
     token-indexed ones [B, H, n * G, X], KIVI key scale/zero [B, H, n, D], zeros None for 8-bit.
     The one eviction of the engine: the cache's PyTorch path and ring_append's reference call it."""
     if bits == 8:
@@ -186,8 +188,8 @@ def quantize_blocks(k: torch.Tensor, v: torch.Tensor, bits: int, group_size: int
         (kc, ks), (vc, vs) = quantize(k, dtype), quantize(v, dtype)
         return kc, ks, None, vc, vs, None
     b, h, t, d = k.shape
-    kc, ks, kz = quantize_asymmetric_per_channel(k.view(b, h, t // group_size, group_size, d), bits, dtype)
-    vc, vs, vz = quantize_asymmetric_per_token_group(v, bits, group_size, dtype)
+    kc, ks, kz = quantize_asymmetric_per_channel(k.view(b, h, t // key_group, key_group, d), bits, dtype)
+    vc, vs, vz = quantize_asymmetric_per_token_group(v, bits, value_group, dtype)
     return (pack_codes(kc.view(b, h, t, d), bits), ks.squeeze(-2), kz.squeeze(-2), pack_codes(vc, bits), vs, vz)
 
 
@@ -196,9 +198,9 @@ def dequantize_body(body: QuantizedBody, dtype=torch.float32):
     if body.bits == 8:
         dequantize = dequantize_fp8_per_token if body.fp8 else dequantize_symmetric_per_token
         return dequantize(body.k_codes, body.k_scale, dtype), dequantize(body.v_codes, body.v_scale, dtype)
-    g = body.group_size
-    k = dequantize_asymmetric(unpack_codes(body.k_codes, body.bits), expand_per_channel(body.k_scale, g),
-                              expand_per_channel(body.k_zero, g), dtype)
-    v = dequantize_asymmetric(unpack_codes(body.v_codes, body.bits), expand_per_token_group(body.v_scale, g),
-                              expand_per_token_group(body.v_zero, g), dtype)
+    kg, vg = body.key_group, body.value_group
+    k = dequantize_asymmetric(unpack_codes(body.k_codes, body.bits), expand_per_channel(body.k_scale, kg),
+                              expand_per_channel(body.k_zero, kg), dtype)
+    v = dequantize_asymmetric(unpack_codes(body.v_codes, body.bits), expand_per_token_group(body.v_scale, vg),
+                              expand_per_token_group(body.v_zero, vg), dtype)
     return k, v

@@ -2,9 +2,9 @@
 
   bits 8    symmetric, one absmax scale per token per KV head, int8 codes (or fp8 e4m3 codes with
             fp8=True); a token is quantized the step it leaves the window (evict_block 1).
-  bits 4/2  KIVI: keys asymmetric per channel over groups of `group_size` tokens (a group is
-            quantized once all of its tokens have left the window, so up to group_size - 1 extra
-            tokens stay exact), values asymmetric per token over groups of `group_size` channels;
+  bits 4/2  KIVI: keys asymmetric per channel over groups of `key_group` tokens (a group is
+            quantized once all of its tokens have left the window, so up to key_group - 1 extra
+            tokens stay exact), values asymmetric per token over groups of `value_group` channels;
             codes packed planar (kv_quant.pack_codes).
 The most recent tokens are always the exact ones: nothing is quantized before it leaves the window.
 A decode step on the GPU quantizes what leaves (a token, or a completed group) in the same
@@ -27,13 +27,15 @@ BITS = (8, 4, 2)
 
 class QuantizedCache(SinkWindowCache):
     def __init__(self, batch_size, max_seq_length, n_kv_heads, head_dim, dtype, device, sink_size, window_size, bits=8,
-                 group_size=32, fp8=False, decode_kernels=None, **_):
+                 key_group=0, value_group=0, fp8=False, decode_kernels=None, **_):
         assert bits in BITS and (bits == 8 or not fp8)
-        block = 1 if bits == 8 else group_size
+        assert bits == 8 or (key_group > 0 and value_group > 0 and head_dim % value_group == 0), "KIVI needs its groups"
+        if bits == 8:
+            key_group = value_group = 0  # one scale per token: no groups
+        block = 1 if bits == 8 else key_group
         super().__init__(batch_size, n_kv_heads, head_dim, dtype, device, sink_size, window_size, evict_block=block,
                          decode_kernels=decode_kernels)
-        assert bits == 8 or head_dim % group_size == 0, "group_size must divide head_dim"
-        self.bits, self.group_size, self.fp8 = bits, group_size, fp8
+        self.bits, self.key_group, self.value_group, self.fp8 = bits, key_group, value_group, fp8
         self.n_groups = -(-max(max_seq_length - sink_size, 1) // block)
         tokens = (self.n_groups + 1) * block
         b, h, d = batch_size, n_kv_heads, head_dim
@@ -50,7 +52,7 @@ class QuantizedCache(SinkWindowCache):
                 k_codes=zeros(b, h, tokens, packed, dt=torch.uint8),
                 k_scale=zeros(b, h, self.n_groups + 1, d), k_zero=zeros(b, h, self.n_groups + 1, d),
                 v_codes=zeros(b, h, tokens, packed, dt=torch.uint8),
-                v_scale=zeros(b, h, tokens, d // group_size), v_zero=zeros(b, h, tokens, d // group_size),
+                v_scale=zeros(b, h, tokens, d // value_group), v_zero=zeros(b, h, tokens, d // value_group),
             )
         for name, buf in buffers.items():
             self.register_buffer(name, buf, persistent=False)
@@ -72,7 +74,7 @@ class QuantizedCache(SinkWindowCache):
     def _write_blocks(self, dest, k, v, n_cand):
         bsz = k.shape[0]
         g = self.evict_block
-        rows = kq.quantize_blocks(k, v, self.bits, self.group_size, self.fp8, self.exact_k.dtype)
+        rows = kq.quantize_blocks(k, v, self.bits, self.key_group, self.value_group, self.fp8, self.exact_k.dtype)
         # Index the buffers as they are (tokens, or key groups): a write through a reshaped view
         # of a buffer makes the compiled step copy the whole buffer every step.
         token_dest = (dest[:, None] * g + torch.arange(g, device=dest.device)).flatten()  # [n_cand * G]
@@ -87,7 +89,7 @@ class QuantizedCache(SinkWindowCache):
         """The quantized body (rows taken with batch_rows: a decode step's ring_append writes
         through them)."""
         tensors = [None if t is None else batch_rows(t, bsz) for t in self._body_buffers()]
-        return QuantizedBody(self.bits, self.group_size if self.bits != 8 else 0, *tensors, fp8=self.fp8)
+        return QuantizedBody(self.bits, self.key_group, self.value_group, *tensors, fp8=self.fp8)
 
     def _body_buffers(self) -> tuple:
         zeros = (self.k_zero, self.v_zero) if self.bits != 8 else (None, None)

@@ -2,7 +2,7 @@
 
 A decode step of compress_kv or quantize_kv writes the new token into its exact slot and, for
 quantize_kv, first quantizes into the body what leaves the window at this step: int8, the one
-token that leaves (evict_block 1); KIVI (bits 4/2, evict_block = group_size G), once every G
+token that leaves (evict_block 1); KIVI (bits 4/2, evict_block = the key group G), once every G
 steps, the group whose last token leaves. In PyTorch that is a gather, the reductions and the
 scatters per layer (KIVI: on every step, the write masked to a trash group), and inductor clones
 the ring buffer to keep the reads of the leaving slots before the write that reuses one of them
@@ -29,7 +29,7 @@ from ring_layout import n_evicted, slot_of, slot_positions
 
 def ring_append_reference(pos, k, v, exact_k, exact_v, sink, window, evict_block,
                           k_codes=None, k_scale=None, k_zero=None, v_codes=None, v_scale=None, v_zero=None, bits=8,
-                          fp8=False):
+                          fp8=False, value_group=0):
     """PyTorch definition (in place on the buffers). pos: [1]; k, v: [B, Hkv, D] (RoPE applied);
     exact_k/v: [B, Hkv, sink + ring + 1, D]; the body, if any, laid out as in
     kv_quant.QuantizedBody (zeros None for int8 and fp8). Returns (exact slot valid [N] bool,
@@ -37,7 +37,7 @@ def ring_append_reference(pos, k, v, exact_k, exact_v, sink, window, evict_block
     p = pos.reshape(())
     ring = window + evict_block - 1
     if k_codes is not None:
-        _quantize_leaving_block(p, exact_k, exact_v, sink, window, evict_block, bits, fp8,
+        _quantize_leaving_block(p, exact_k, exact_v, sink, window, evict_block, value_group, bits, fp8,
                                 (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero))
     slot = slot_of(p, sink, ring)
     exact_k[:, :, slot] = k
@@ -46,7 +46,7 @@ def ring_append_reference(pos, k, v, exact_k, exact_v, sink, window, evict_block
     return held >= 0, n_evicted(pos, sink, window, evict_block)
 
 
-def _quantize_leaving_block(p, exact_k, exact_v, sink, window, g, bits, fp8, body):
+def _quantize_leaving_block(p, exact_k, exact_v, sink, window, g, value_group, bits, fp8, body):
     """The block whose last token leaves the window at this step, if one does, quantized into
     the body (kv_quant.quantize_blocks, as the cache's own eviction): block j is body rows
     j * g + [0, g), its KIVI key scale and zero row j. int8/fp8 blocks are single tokens (g = 1)."""
@@ -55,7 +55,7 @@ def _quantize_leaving_block(p, exact_k, exact_v, sink, window, g, bits, fp8, bod
     j = (torch.div(past, g, rounding_mode="floor") - 1).clamp(min=0).reshape(1)
     rows = j * g + torch.arange(g, device=p.device)  # [G]
     slots = slot_of(sink + rows, sink, window + g - 1)  # the block's tokens, still in the ring
-    new = kv_quant.quantize_blocks(exact_k[:, :, slots], exact_v[:, :, slots], bits, g, fp8, body[1].dtype)
+    new = kv_quant.quantize_blocks(exact_k[:, :, slots], exact_v[:, :, slots], bits, g, value_group, fp8, body[1].dtype)
     per_group = j if bits != 8 else rows
     for buf, idx, value in zip(body, (rows, per_group, per_group, rows, rows, rows), new):
         if buf is not None:
@@ -111,7 +111,8 @@ def _kernel():
         VS, VZ, vpb, vph, vpn,  # value scale [B, Hkv, L, 1] int8; value scale and zero [B, Hkv, L, D / G] KIVI
         VALID, BODY_LEN,
         Hkv, N, sink, window, ring,
-        D: tl.constexpr, G: tl.constexpr, HAS_BODY: tl.constexpr, BITS: tl.constexpr, SCALE_BITS: tl.constexpr,
+        D: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, HAS_BODY: tl.constexpr, BITS: tl.constexpr,
+        SCALE_BITS: tl.constexpr,
         N_PAD: tl.constexpr, FP8: tl.constexpr,
     ):
         bh = tl.program_id(0)
@@ -165,10 +166,11 @@ def _kernel():
                 par = b * kpb + h * kph + j * kpn + ch[None, :, :]
                 tl.store(KS + par, s)
                 tl.store(KZ + par, z)
-                # Values, per token over groups of G channels: x[t, g, i] = channel g * G + i.
-                grp = tl.arange(0, D // G)
-                x = tl.load(EV + src[:, None, None] + (grp[:, None] * G + t[None, :])[None, :, :]).to(tl.float32)
-                lo, hi = tl.min(x, axis=2, keep_dims=True), tl.max(x, axis=2, keep_dims=True)  # [G, D / G, 1]
+                # Values, per token over groups of VG channels: x[t, g, i] = channel g * VG + i.
+                grp = tl.arange(0, D // VG)
+                x = tl.load(EV + src[:, None, None] + (grp[:, None] * VG + tl.arange(0, VG)[None, :])[None, :, :])
+                x = x.to(tl.float32)
+                lo, hi = tl.min(x, axis=2, keep_dims=True), tl.max(x, axis=2, keep_dims=True)  # [G, D / VG, 1]
                 c, s, z = _asymmetric(x, lo, hi, VS.dtype.element_ty, BITS, SCALE_BITS)
                 c = tl.reshape(c, (G, 8 // BITS, W))  # channel order [G, D], split into planes
                 tl.store(VC + dst[:, None] + byte[None, :], _pack(c, BITS))
@@ -194,7 +196,7 @@ def _kernel():
 
 
 def _ring_append_triton(pos, k, v, exact_k, exact_v, sink, window, evict_block,
-                        k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, fp8):
+                        k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, fp8, value_group):
     triton, kernel = _kernel()
     B, Hkv, N, D = exact_k.shape
     k, v = (x if x.stride(2) == 1 else x.contiguous() for x in (k, v))  # layouts inductor chose
@@ -213,9 +215,9 @@ def _ring_append_triton(pos, k, v, exact_k, exact_v, sink, window, evict_block,
         v_scale, v_zero, *v_scale.stride()[:3],
         valid.view(torch.uint8), body_len,
         Hkv, N, sink, window, window + evict_block - 1,
-        D=D, G=evict_block, HAS_BODY=has_body, BITS=bits, SCALE_BITS=k_scale.element_size() * 8,
+        D=D, G=evict_block, VG=max(value_group, 1), HAS_BODY=has_body, BITS=bits, SCALE_BITS=k_scale.element_size() * 8,
         N_PAD=triton.next_power_of_2(N), FP8=fp8,
-        num_warps=4 if has_body and bits != 8 else 1,  # a KIVI group is a [G, D] tile, int8 one row
+        num_warps=(8 if evict_block >= 64 else 4) if has_body and bits != 8 else 1,  # a KIVI group is a [G, D] tile
         # No multiply-add contraction: zero + scale * qmax must round twice, as in PyTorch.
         enable_fp_fusion=False,
     )
@@ -229,19 +231,19 @@ def _ring_append_op(
     sink: int, window: int, evict_block: int,
     k_codes: Optional[torch.Tensor], k_scale: Optional[torch.Tensor], k_zero: Optional[torch.Tensor],
     v_codes: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], v_zero: Optional[torch.Tensor], bits: int,
-    fp8: bool,
+    fp8: bool, value_group: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # Triton converts to e4m3 with the hardware's cvt, which an A100 (sm_80) does not have: there
     # the fp8 write takes the PyTorch path (device ops only, so it still captures in a CUDA graph).
     kernel = k.is_cuda and not (fp8 and torch.cuda.get_device_capability(k.device) < (8, 9))
     fn = _ring_append_triton if kernel else ring_append_reference
     return fn(pos, k, v, exact_k, exact_v, sink, window, evict_block, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
-              bits, fp8)
+              bits, fp8, value_group)
 
 
 @_ring_append_op.register_fake
 def _(pos, k, v, exact_k, exact_v, sink, window, evict_block, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits,
-      fp8):
+      fp8, value_group):
     return exact_k.new_empty(exact_k.shape[2], dtype=torch.bool), torch.empty_like(pos)
 
 
@@ -249,21 +251,21 @@ def ring_append(pos, k, v, exact_k, exact_v, sink, window, evict_block, body=Non
     """Write one new token per sequence (k, v [B, Hkv, D]) at position `pos` ([1], on the device)
     into the exact slots; with body (a kv_quant.QuantizedBody whose buffers it writes), first
     quantize what leaves the window at this step: the leaving token (int8/fp8, evict_block 1) or
-    the group it completes (KIVI, evict_block = group_size). Returns (valid [N] bool, body_len [1])."""
+    the key group it completes (KIVI, evict_block = key_group). Returns (valid [N] bool, body_len [1])."""
     B, Hkv, N, D = exact_k.shape
     if k.shape != (B, Hkv, D) or v.shape != k.shape:
         raise ValueError(f"ring_append: k, v must be [{B}, {Hkv}, {D}], got {tuple(k.shape)}, {tuple(v.shape)}")
     if N != sink + window + evict_block:
         raise ValueError(f"ring_append: {N} exact slots, expected sink + ring + 1 = {sink + window + evict_block}")
-    if body is not None and evict_block != (1 if body.bits == 8 else body.group_size):
+    if body is not None and evict_block != (1 if body.bits == 8 else body.key_group):
         raise ValueError(f"ring_append: evict_block {evict_block} must be 1 for int8/fp8 (single tokens) and the "
-                         f"KIVI group for int4/int2 (whole groups; this body's: {body.group_size})")
+                         f"KIVI key group for int4/int2 (whole groups; this body's: {body.key_group})")
     if k.is_cuda and (exact_k.stride(3) != 1 or exact_v.stride() != exact_k.stride() or D & (D - 1)):
         raise ValueError("ring_append: the kernel needs exact_k/v alike with contiguous rows, and a power-of-two head dim")
     if k.is_cuda and body is not None and not _kernel_takes(body, D):
         raise ValueError("ring_append: the kernel needs k and v codes alike, each scale like its zero, rows contiguous, "
                          "and a KIVI group size that is a power of two dividing the head dim")
-    args = (None,) * 6 + (8, False) if body is None else (*body.tensors(), body.bits, body.fp8)
+    args = (None,) * 6 + (8, False, 0) if body is None else (*body.tensors(), body.bits, body.fp8, body.value_group)
     return _ring_append_op(pos, k, v, exact_k, exact_v, sink, window, evict_block, *args)
 
 
@@ -272,6 +274,6 @@ def _kernel_takes(body, D: int) -> bool:
     alike = body.k_codes.stride() == body.v_codes.stride() and all(t.stride(3) == 1 for t in tensors)
     if body.bits == 8:
         return alike
-    g = body.group_size
+    powers_of_two = all(g & (g - 1) == 0 for g in (body.key_group, body.value_group))
     return (alike and body.k_zero.stride() == body.k_scale.stride() and body.v_zero.stride() == body.v_scale.stride()
-            and g & (g - 1) == 0 and D % g == 0)
+            and powers_of_two and D % body.value_group == 0)

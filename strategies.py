@@ -10,7 +10,12 @@ from compress_kv import ROPE_MODES, CompressedCache
 from kv_cache import FullCache
 from quantize_kv import BITS, QuantizedCache
 
-KIVI_GROUP_DEFAULT = 32
+# KIVI groups per bit width: (tokens per key group, channels per value group), chosen on the default
+# model's perplexity (docs/results.md, "KIVI groups"). int4 is best with keys over 128 tokens
+# (+0.30% against +0.48% at 32), which the kernel also reads as whole 128-token tiles; int2 loses
+# far more with longer key groups (+37% at 128 against +17% at 32), so it keeps 32. Values over 32
+# channels for both: 16 gains int2 two points for a quarter more body bytes.
+KIVI_GROUPS = {4: (128, 32), 2: (32, 32)}
 BIT_CHOICES = [str(b) for b in BITS] + ["fp8"]  # --bits fp8: 8-bit codes in e4m3 instead of int8
 
 
@@ -43,10 +48,15 @@ def _quantize_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--bits", choices=BIT_CHOICES, default="8",
                      help="8: int8 and fp8: fp8 e4m3 (the fp8 KV cache of vLLM and TensorRT-LLM), each with one "
                           "scale per token and head; 4/2: KIVI (keys per channel, values per token)")
-    # No default here: --bits 8 has no groups, and a group given with it is a mistake to report.
+    # No defaults here: they depend on --bits, and --bits 8 has no groups to set.
+    defaults = {name: " and ".join(f"{groups[i]} for int{b}" for b, groups in KIVI_GROUPS.items())
+                for i, name in enumerate(("key", "value"))}
+    sub.add_argument("--key_group", type=_positive("--key_group"), default=None,
+                     help=f"bits 4/2 only: tokens per key group (default: {defaults['key']})")
+    sub.add_argument("--value_group", type=_positive("--value_group"), default=None,
+                     help=f"bits 4/2 only: channels per value group (default: {defaults['value']})")
     sub.add_argument("--group_size", type=_positive("--group_size"), default=None,
-                     help=f"bits 4/2 only: tokens per key group and channels per value group "
-                          f"(default: {KIVI_GROUP_DEFAULT})")
+                     help="bits 4/2 only: sets both --key_group and --value_group")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +72,7 @@ STRATEGIES = {
     "compress_kv": Strategy("keep sink + sliding window, drop the middle (StreamingLLM)", CompressedCache,
                             _compress_options, ("sink_size", "window_size", "rope")),
     "quantize_kv": Strategy("keep sink + window exact, quantize older tokens (int8, fp8, KIVI int4/int2)", QuantizedCache,
-                            _quantize_options, ("sink_size", "window_size", "bits", "group_size")),
+                            _quantize_options, ("sink_size", "window_size", "bits", "key_group", "value_group", "group_size")),
 }
 
 
@@ -75,12 +85,17 @@ def strategy_settings(args: argparse.Namespace) -> dict:
         if settings["bits"] == "fp8":
             settings.update(bits=8, fp8=True)
         settings["bits"] = int(settings["bits"])
+        shorthand = settings.pop("group_size")
+        groups = {"key_group": settings.pop("key_group"), "value_group": settings.pop("value_group")}
         if settings["bits"] == 8:
-            if settings.pop("group_size") is not None:
-                raise ValueError("--group_size sets the KIVI groups of --bits 4 and 2; --bits 8 and fp8 keep one "
-                                 "scale per token and head, so drop --group_size or pick --bits 4/2")
-        elif settings["group_size"] is None:
-            settings["group_size"] = KIVI_GROUP_DEFAULT
+            if shorthand is not None or any(v is not None for v in groups.values()):
+                raise ValueError("--group_size, --key_group and --value_group set the KIVI groups of --bits 4 and 2; "
+                                 "--bits 8 and fp8 keep one scale per token and head, so drop them or pick --bits 4/2")
+        else:
+            if shorthand is not None and any(v is not None for v in groups.values()):
+                raise ValueError("--group_size sets both --key_group and --value_group; give either it or them")
+            defaults = dict(zip(groups, KIVI_GROUPS[settings["bits"]]))
+            settings.update({k: v if v is not None else shorthand or defaults[k] for k, v in groups.items()})
     return settings
 
 
@@ -97,14 +112,14 @@ def check_settings(settings: dict, head_dim: int, max_seq_length: int, device: s
                          f"({max_seq_length} tokens: prompt + --max_new_tokens), so {what}; make them smaller, "
                          f"or use the full cache")
     if settings["strategy"] == "quantize_kv" and settings["bits"] != 8:
-        group = settings["group_size"]
-        # The fused kernel's KIVI tiles need a power-of-two group of at least 16 channels/tokens.
+        # The fused kernels need power-of-two groups of at least 16 tokens / channels on the GPU.
         smallest = 1 if device == "cpu" else 16
-        fits = head_dim % group == 0 and group & (group - 1) == 0 and group >= smallest
-        if not fits:
-            sizes = [g for g in (8, 16, 32, 64, 128) if head_dim % g == 0 and g >= smallest]
-            raise ValueError(f"--group_size {group} does not fit the head dimension ({head_dim}) on {device}; "
-                             f"use one of {sizes}")
+        for name, group, of_channels in (("--value_group", settings["value_group"], True),
+                                         ("--key_group", settings["key_group"], False)):
+            sizes = [g for g in (8, 16, 32, 64, 128, 256) if g >= smallest and (not of_channels or head_dim % g == 0)]
+            if group not in sizes:
+                what = f"does not fit the head dimension ({head_dim})" if of_channels else "must be a power of two"
+                raise ValueError(f"{name} {group} {what} on {device}; use one of {sizes}")
 
 
 def cache_factory(settings: dict, decode_kernels: Optional[bool] = None):

@@ -34,12 +34,13 @@ SWEEP = {
     **{m: [(bn, w, st, wv) for bn, w in ((16, 1), (32, 1), (64, 1), (64, 2), (64, 4), (128, 4)) for st in (2, 3, 4)
            for wv in (8, 16)] for m in ("int8", "fp8")},
     **{m: [(bn, w, st, 8) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
-       for m in ("int4", "int2", "int4g128", "int2g128")},
+       for m in ("int4", "int2", "int4k128", "int2k128")},
 }
 RESIDUAL = 64  # exact slots after a quantized body (valid of 128)
-MODE_BITS = {"int8": (8, 1), "fp8": ("fp8", 1), "int4": (4, 32), "int2": (2, 32), "int4g128": (4, 128),
-             "int2g128": (2, 128)}
-MODE_FORMAT = {"bf16": "exact", "int4g128": "int4", "int2g128": "int2"}  # else the mode is the format
+# mode -> (bits, (key group, value group)); KIVI modes name their key group when it is not 32.
+MODE_BITS = {"int8": (8, None), "fp8": ("fp8", None), "int4": (4, (32, 32)), "int2": (2, (32, 32)),
+             "int4k128": (4, (128, 32)), "int2k128": (2, (128, 32))}
+MODE_FORMAT = {"bf16": "exact", "int4k128": "int4", "int2k128": "int2"}  # else the mode is the format
 # What --variants switches off per format (a module switch of decode_kernels).
 VARIANT_SWITCH = {"int8": "CONVERT_ASM", "fp8": "CONVERT_ASM", "int4": "KIVI_ASM", "int2": "KIVI_ASM"}
 MODES = ("bf16", *MODE_BITS)
@@ -70,16 +71,17 @@ def rel_err(out, ref) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-def make_body(B, L, bits, g) -> kv_quant.QuantizedBody:
+def make_body(B, L, bits, groups) -> kv_quant.QuantizedBody:
     """Fresh random keys (with channel offsets) and values quantized with kv_quant."""
     k, v = randn(B, HKV, L, D).float() * 2 + 0.5, randn(B, HKV, L, D).float()
     if bits in (8, "fp8"):
         quantize = kv_quant.quantize_fp8_per_token if bits == "fp8" else kv_quant.quantize_symmetric_per_token
         (kc, ks), (vc, vs) = quantize(k, torch.bfloat16), quantize(v, torch.bfloat16)
-        return kv_quant.QuantizedBody(8, 0, kc, ks, None, vc, vs, None, fp8=bits == "fp8")
-    kc, ks, kz = kv_quant.quantize_asymmetric_per_channel(k.reshape(B, HKV, L // g, g, D), bits, torch.bfloat16)
-    vc, vs, vz = kv_quant.quantize_asymmetric_per_token_group(v, bits, g, torch.bfloat16)
-    return kv_quant.QuantizedBody(bits, g, kv_quant.pack_codes(kc.reshape(B, HKV, L, D), bits), ks.squeeze(-2),
+        return kv_quant.QuantizedBody(8, 0, 0, kc, ks, None, vc, vs, None, fp8=bits == "fp8")
+    kg, vg = groups
+    kc, ks, kz = kv_quant.quantize_asymmetric_per_channel(k.reshape(B, HKV, L // kg, kg, D), bits, torch.bfloat16)
+    vc, vs, vz = kv_quant.quantize_asymmetric_per_token_group(v, bits, vg, torch.bfloat16)
+    return kv_quant.QuantizedBody(bits, kg, vg, kv_quant.pack_codes(kc.reshape(B, HKV, L, D), bits), ks.squeeze(-2),
                                   kz.squeeze(-2), kv_quant.pack_codes(vc, bits), vs, vz)
 
 
@@ -90,8 +92,8 @@ def make_inputs(B, S, mode):
         k, v = randn(B, HKV, S, D), randn(B, HKV, S, D)
         el = torch.tensor([S], device="cuda", dtype=torch.int32)
         return (q, k, v, el, None, None, None), 2 * k.numel() * 2
-    bits, g = MODE_BITS[mode]
-    body = make_body(B, S, bits, g)
+    bits, groups = MODE_BITS[mode]
+    body = make_body(B, S, bits, groups)
     k, v = randn(B, HKV, 128, D), randn(B, HKV, 128, D)
     el = torch.tensor([RESIDUAL], device="cuda", dtype=torch.int32)
     bl = torch.tensor([S], device="cuda", dtype=torch.int32)

@@ -40,7 +40,7 @@ from atomic_write import write_atomically
 import tp
 from generate import UserError, compiled_step, pick_device
 from model import PRESETS, ModelArgs, Transformer
-from strategies import cache_factory, check_settings
+from strategies import KIVI_GROUPS, cache_factory, check_settings
 
 STRATEGY_SETTINGS = {
     "full": {"strategy": "full"},
@@ -178,8 +178,8 @@ def strategy_settings(name: str, args) -> dict:
     settings = dict(STRATEGY_SETTINGS[name])
     if settings["strategy"] != "full":
         settings.update(sink_size=args.sink_size, window_size=args.window_size)
-    if settings["strategy"] == "quantize_kv":
-        settings["group_size"] = args.group_size
+    if settings["strategy"] == "quantize_kv" and settings["bits"] != 8:
+        settings.update(zip(("key_group", "value_group"), KIVI_GROUPS[settings["bits"]]))  # generate.py's defaults
     return settings
 
 
@@ -301,7 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cache strategies (default: {' '.join(STRATEGY_SETTINGS)})")
     p.add_argument("--sink_size", type=int, default=16, help="compress_kv and int* sink tokens (default: %(default)s)")
     p.add_argument("--window_size", type=int, default=32, help="compress_kv and int* window tokens (default: %(default)s)")
-    p.add_argument("--group_size", type=int, default=32, help="KIVI group of int4/int2 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=50, help="decode steps per timing (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timings per context; the median is reported (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")

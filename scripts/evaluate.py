@@ -33,23 +33,27 @@ from atomic_write import write_atomically
 import evaluation as ev
 from generate import UserError, kv_stats, load_model, load_tokenizer, pick_device, pick_dtype, resolve_checkpoint, setup
 from kv_cache import full_cache_nbytes
+from strategies import KIVI_GROUPS
 
 SINK = 16
 FULL = {"strategy": "full"}
 DEFAULT_OUT = Path("outputs/eval.json")
 # The known answers (docs/design.md): default model, fp32, default text, first 2048 tokens, no BOS.
-KNOWN_PPL_2048 = {"full": 11.8832, "quantize_kv int8 s16 w32": 11.8889, "quantize_kv int4 s16 w32": 11.94}
+KNOWN_PPL_2048 = {"full": 11.8832, "quantize_kv int8 s16 w32": 11.8889, "quantize_kv int4 s16 w32 k32 v32": 11.94}
 
 
 def compress(window: int, rope: str = "streaming") -> dict:
     return {"strategy": "compress_kv", "sink_size": SINK, "window_size": window, "rope": rope}
 
 
-def quantize(window: int, bits) -> dict:
-    """bits 8, 4, 2 or "fp8"."""
+def quantize(window: int, bits, groups: Optional[tuple] = None) -> dict:
+    """bits 8, 4, 2 or "fp8"; KIVI groups (key, value), default generate.py's."""
+    settings = {"strategy": "quantize_kv", "sink_size": SINK, "window_size": window, "bits": 8 if bits == "fp8" else bits}
     if bits == "fp8":
-        return {"strategy": "quantize_kv", "sink_size": SINK, "window_size": window, "bits": 8, "fp8": True}
-    return {"strategy": "quantize_kv", "sink_size": SINK, "window_size": window, "bits": bits, "group_size": 32}
+        settings["fp8"] = True
+    elif bits != 8:
+        settings.update(zip(("key_group", "value_group"), groups or KIVI_GROUPS[bits]))
+    return settings
 
 
 def format_name(s: dict) -> str:
@@ -62,7 +66,8 @@ def label(s: dict) -> str:
     if s["strategy"] == "compress_kv":
         rope = "" if s["rope"] == "streaming" else " rope=original"
         return f"compress_kv s{s['sink_size']} w{s['window_size']}{rope}"
-    return f"quantize_kv {format_name(s)} s{s['sink_size']} w{s['window_size']}"
+    groups = f" k{s['key_group']} v{s['value_group']}" if "key_group" in s else ""
+    return f"quantize_kv {format_name(s)} s{s['sink_size']} w{s['window_size']}{groups}"
 
 
 def row_name(s: dict) -> str:
@@ -74,8 +79,6 @@ def generate_options(s: dict) -> str:
     if s["strategy"] == "full":
         return "(none)"
     opts = {k: v for k, v in s.items() if k not in ("strategy", "fp8")}
-    if s.get("bits") == 8:  # one scale per token: no groups to name
-        opts.pop("group_size", None)
     if s.get("fp8"):
         opts["bits"] = "fp8"
     return f"{s['strategy']} " + " ".join(f"--{k} {v}" for k, v in opts.items())
@@ -117,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-QUICK = dict(large_window=64, chunk=64, ppl_tokens=192, long_tokens=256, segment=64, passages=1, prompt_tokens=80,
+# Long enough that every strategy holds less than a full cache (int4's 128-token key groups keep up
+# to 127 more exact tokens than its window: below ~300 tokens it holds more).
+QUICK = dict(large_window=64, chunk=64, ppl_tokens=384, long_tokens=384, segment=64, passages=1, prompt_tokens=80,
              new_tokens=8, needle_lengths="80", needle_depths="1", needles=1)
 
 
@@ -512,7 +517,7 @@ def sweep(args) -> tuple[list, list, list]:
     table_rows = [FULL]
     for w in windows:
         table_rows += [compress(w), quantize(w, 8), quantize(w, "fp8"), quantize(w, 4), quantize(w, 2)]
-    extra = [compress(32, "original")]
+    extra = [compress(32, "original")] + [quantize(32, b, (k, 32)) for b in (4, 2) for k in (32, 64, 128)]
     if not args.quick:
         extra += [compress(512)] + [quantize(512, b) for b in (8, "fp8", 4, 2)]
     ppl_rows = table_rows + [s for s in extra if s not in table_rows]

@@ -29,11 +29,15 @@ def compress(sink, window, rope="streaming"):
     return {"strategy": "compress_kv", "sink_size": sink, "window_size": window, "rope": rope}
 
 
-def quantize(sink, window, bits=8, group=16):
-    """bits 8, 4, 2 or "fp8"."""
+def quantize(sink, window, bits=8, group=16, value_group=None):
+    """bits 8, 4, 2 or "fp8"; KIVI keys over `group` tokens, values over `value_group` channels
+    (default: `group`)."""
+    settings = {"strategy": "quantize_kv", "sink_size": sink, "window_size": window, "bits": 8 if bits == "fp8" else bits}
     if bits == "fp8":
-        return {"strategy": "quantize_kv", "sink_size": sink, "window_size": window, "bits": 8, "fp8": True}
-    return {"strategy": "quantize_kv", "sink_size": sink, "window_size": window, "bits": bits, "group_size": group}
+        settings["fp8"] = True
+    elif bits != 8:
+        settings.update(key_group=group, value_group=value_group or group)
+    return settings
 
 
 def triton_missing() -> bool:

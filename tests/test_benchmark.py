@@ -29,7 +29,7 @@ def test_writes_every_row_and_figure(tmp_path):
         assert len(row["ms_repeat_medians"]) == 2 and len(row["ms_back_to_back_repeats"]) == 2
         assert row["kv_bytes"] > 0 and row["bytes_read"] > row["kv_bytes"] // 2
     # The tiny model's head dim (16) cannot take the default KIVI group: skipped with the reason.
-    assert [e["strategy"] for e in result["errors"]] == ["int4"] and "group_size" in result["errors"][0]["error"]
+    assert [e["strategy"] for e in result["errors"]] == ["int4"] and "--value_group" in result["errors"][0]["error"]
     assert out.with_suffix(".png").exists()
 
 
@@ -93,7 +93,7 @@ def test_only_settings_that_do_not_fit_are_skipped(monkeypatch):
     args = benchmark.build_parser().parse_args(["--model", "tiny", "--contexts", "64", "--long_context", "0"])
     model = benchmark.random_model("tiny", "cpu", torch.float32, 1)
     rows, error = benchmark.run_config(model, 1, "int4", args, "cpu", None)
-    assert rows == [] and "group_size" in error
+    assert rows == [] and "--value_group" in error
 
     def broken(*a, **k):
         raise ValueError("a bug")

@@ -23,7 +23,7 @@ from tests.helpers import triton_missing
 CUDA = torch.cuda.is_available()
 
 
-def make_body(B, Hkv, L, D, bits, group_size, dtype, device="cpu", gen=None):
+def make_body(B, Hkv, L, D, bits, groups, dtype, device="cpu", gen=None):
     """Quantize fresh random keys/values ([B, Hkv, L, D]) into a QuantizedBody with kv_quant.
 
     gen: a CPU generator (reproducible), or None to draw on `device` directly (fast, for big shapes).
@@ -36,17 +36,17 @@ def make_body(B, Hkv, L, D, bits, group_size, dtype, device="cpu", gen=None):
     if bits == "fp8":
         kc, ks = kv_quant.quantize_fp8_per_token(k, dtype)
         vc, vs = kv_quant.quantize_fp8_per_token(v, dtype)
-        return QuantizedBody(8, 0, kc, ks, None, vc, vs, None, fp8=True)
+        return QuantizedBody(8, 0, 0, kc, ks, None, vc, vs, None, fp8=True)
     if bits == 8:
         kc, ks = kv_quant.quantize_symmetric_per_token(k, dtype)
         vc, vs = kv_quant.quantize_symmetric_per_token(v, dtype)
-        return QuantizedBody(8, 0, kc, ks, None, vc, vs, None)
-    g = group_size
-    kc, ks, kz = kv_quant.quantize_asymmetric_per_channel(k.reshape(B, Hkv, L // g, g, D), bits, dtype)
+        return QuantizedBody(8, 0, 0, kc, ks, None, vc, vs, None)
+    kg, vg = groups if isinstance(groups, tuple) else (groups, groups)  # (key group, value group), or one for both
+    kc, ks, kz = kv_quant.quantize_asymmetric_per_channel(k.reshape(B, Hkv, L // kg, kg, D), bits, dtype)
     kc = kv_quant.pack_codes(kc.reshape(B, Hkv, L, D), bits)
-    vc, vs, vz = kv_quant.quantize_asymmetric_per_token_group(v, bits, g, dtype)
+    vc, vs, vz = kv_quant.quantize_asymmetric_per_token_group(v, bits, vg, dtype)
     vc = kv_quant.pack_codes(vc, bits)
-    return QuantizedBody(bits, g, kc, ks.squeeze(-2), kz.squeeze(-2), vc, vs, vz)
+    return QuantizedBody(bits, kg, vg, kc, ks.squeeze(-2), kz.squeeze(-2), vc, vs, vz)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,11 +66,10 @@ def _dequant64(body):
         return k * body.k_scale.double(), v * body.v_scale.double()
     if body.bits == 8:
         return (body.k_codes.double() * body.k_scale.double(), body.v_codes.double() * body.v_scale.double())
-    g = body.group_size
     kc, vc = _unpack64(body.k_codes, body.bits), _unpack64(body.v_codes, body.bits)
     L, D = kc.shape[2], kc.shape[3]
-    tok_group = torch.arange(L) // g
-    ch_group = torch.arange(D) // g
+    tok_group = torch.arange(L) // body.key_group
+    ch_group = torch.arange(D) // body.value_group
     k = body.k_zero.double()[:, :, tok_group] + kc * body.k_scale.double()[:, :, tok_group]
     v = body.v_zero.double()[..., ch_group] + vc * body.v_scale.double()[..., ch_group]
     return k, v
@@ -102,7 +101,7 @@ def rel_err(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-def _case(seed, B, Hkv, n_rep, D, N, exact_len, use_mask, bits, group_size, L, body_len, dtype, device="cpu"):
+def _case(seed, B, Hkv, n_rep, D, N, exact_len, use_mask, bits, groups, L, body_len, dtype, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hkv * n_rep, D, generator=gen).to(device, dtype)
     # The exact slots are a view of a bigger buffer along N, as the caches pass them.
@@ -113,16 +112,17 @@ def _case(seed, B, Hkv, n_rep, D, N, exact_len, use_mask, bits, group_size, L, b
     el = torch.tensor([exact_len], dtype=torch.int32, device=device)
     body = bl = None
     if bits is not None:
-        body = make_body(B, Hkv, L, D, bits, group_size, dtype, device, gen)
+        body = make_body(B, Hkv, L, D, bits, groups, dtype, device, gen)
         bl = torch.tensor([body_len], dtype=torch.int64, device=device)
     return q, k, v, el, mask, body, bl
 
 
 CPU_CASES = [
-    # B, Hkv, n_rep, D, N, exact_len, mask, bits, G, L, body_len
+    # B, Hkv, n_rep, D, N, exact_len, mask, bits, groups (key, value; one number: both), L, body_len
     (2, 2, 1, 64, 50, 37, False, None, 0, 0, 0),
     (1, 3, 3, 64, 100, 100, True, None, 0, 0, 0),
     (2, 2, 4, 128, 70, 61, True, 8, 32, 96, 77),
+    (1, 2, 4, 64, 30, 30, False, 4, (64, 16), 192, 150),
     (1, 2, 4, 64, 30, 30, False, "fp8", 1, 80, 61),
     (1, 3, 3, 64, 33, 5, False, 4, 32, 128, 96),
     (2, 1, 4, 128, 20, 20, True, 4, 16, 64, 50),
@@ -177,7 +177,7 @@ def test_bad_arguments_are_reported():
 
 def test_custom_op_registration():
     q, k, v, el, mask, body, bl = _case(5, 1, 2, 2, 64, 16, 9, True, 4, 32, 64, 40, torch.float32)
-    args = (q, k, v, el, mask, 4, 32, False, *body.tensors(), bl, 0.125)
+    args = (q, k, v, el, mask, 4, 32, 32, False, *body.tensors(), bl, 0.125)
     torch.library.opcheck(torch.ops.kvcache.decode_attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -193,8 +193,10 @@ interp = pytest.mark.skipif(CUDA or triton_missing(), reason="interpreter check:
 
 
 INTERP_CASES = [
-    # B, Hkv, n_rep, D, N, exact_len, mask, bits, G, L, body_len
+    # B, Hkv, n_rep, D, N, exact_len, mask, bits, groups (key, value; one number: both), L, body_len
     (2, 2, 4, 128, 300, 201, False, None, 0, 0, 0),
+    (1, 2, 4, 128, 40, 33, True, 4, (128, 32), 384, 300),
+    (1, 1, 3, 64, 20, 9, False, 2, (64, 16), 256, 200),
     (1, 3, 3, 64, 100, 100, True, None, 0, 0, 0),
     (2, 2, 4, 128, 40, 33, True, 8, 1, 256, 203),
     (1, 1, 3, 64, 20, 20, False, 8, 1, 128, 1),
@@ -249,7 +251,13 @@ def test_kernels_interpreted_with_nothing_valid(triton_interpreter, bits):
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA (the Triton kernel)")
 
 GPU_SHAPES = [(3, 3, 64), (8, 4, 128)]  # (Hkv, n_rep, D): the default model, Llama-3-8B
-GPU_BODY = [(None, 0), (8, 1), ("fp8", 1), (4, 32), (4, 128), (2, 32), (2, 64)]  # (bits, group size)
+GPU_BODY = [(None, 0), (8, 1), ("fp8", 1), (4, 32), (4, 128), (4, (128, 32)), (2, 32), (2, 64)]  # (bits, groups)
+
+
+def fit_groups(groups, D):
+    """(key group, value group) with the value group no wider than the head."""
+    kg, vg = groups if isinstance(groups, tuple) else (groups, groups)
+    return kg, min(vg, D)
 
 
 def _gpu_compare(case):
@@ -288,15 +296,15 @@ def test_kernel_exact_only(B, length, shape, use_mask):
 def test_kernel_with_body(B, length, shape, body):
     Hkv, n_rep, D = shape
     bits, g = body
-    g = min(g, D)  # a value group cannot be wider than the head
     L = math.ceil((length + 1) / 128) * 128 + 128  # capacity past the valid prefix
     use_mask = length % 2 == 1
-    _gpu_compare((length, B, Hkv, n_rep, D, 96, 45 if use_mask else 96, use_mask, bits, g, L, length))
+    _gpu_compare((length, B, Hkv, n_rep, D, 96, 45 if use_mask else 96, use_mask, bits, fit_groups(g, D), L, length))
 
 
 @gpu
 @pytest.mark.parametrize("switch", ["KIVI_ASM", "CONVERT_ASM"])
-@pytest.mark.parametrize("body", [(4, 32), (2, 32), (4, 128), (2, 128), (4, 64), (4, 16), (8, 1), ("fp8", 1)])
+@pytest.mark.parametrize("body", [(4, 32), (2, 32), (4, 128), (2, 128), (4, 64), (4, 16), (4, (128, 32)), (8, 1),
+                                  ("fp8", 1)])
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_kernel_portable_paths(shape, body, switch, monkeypatch):
     """The PTX conversions switched off: the plain-cast paths (the interpreter's, an A100's fp8)."""
@@ -306,7 +314,7 @@ def test_kernel_portable_paths(shape, body, switch, monkeypatch):
     if switch == "CONVERT_ASM" or body[0] in (4, 2):
         Hkv, n_rep, D = shape
         bits, g = body
-        _gpu_compare((3, 8, Hkv, n_rep, D, 96, 45, True, bits, min(g, D), 4224, 4097))
+        _gpu_compare((3, 8, Hkv, n_rep, D, 96, 45, True, bits, fit_groups(g, D), 4224, 4097))
 
 
 @gpu

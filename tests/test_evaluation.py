@@ -72,9 +72,9 @@ SETTINGS = [
     {"strategy": "full"},
     {"strategy": "compress_kv", "sink_size": 4, "window_size": 8, "rope": "streaming"},
     {"strategy": "compress_kv", "sink_size": 4, "window_size": 8, "rope": "original"},
-    {"strategy": "quantize_kv", "sink_size": 4, "window_size": 8, "bits": 8, "group_size": 16},
-    {"strategy": "quantize_kv", "sink_size": 4, "window_size": 8, "bits": 4, "group_size": 16},
-    {"strategy": "quantize_kv", "sink_size": 4, "window_size": 8, "bits": 2, "group_size": 16},
+    {"strategy": "quantize_kv", "sink_size": 4, "window_size": 8, "bits": 8},
+    {"strategy": "quantize_kv", "sink_size": 4, "window_size": 8, "bits": 4, "key_group": 16, "value_group": 16},
+    {"strategy": "quantize_kv", "sink_size": 4, "window_size": 8, "bits": 2, "key_group": 16, "value_group": 16},
 ]
 
 

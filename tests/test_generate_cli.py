@@ -68,7 +68,7 @@ def test_global_options_before_and_after_subcommand():
         (["--profile", "runs/"], ["--profile takes a name", "--profile runs/run1"]),
         (["--temperature", "nan"], ["--temperature must be a number >= 0"]),
         (["--temperature", "-1"], ["--temperature must be a number >= 0"]),
-        (["quantize_kv", "--bits", "8", "--group_size", "7"], ["--group_size sets the KIVI groups"]),
+        (["quantize_kv", "--bits", "8", "--group_size", "7"], ["--group_size, --key_group and --value_group set the KIVI groups"]),
         (["--profile", "x", "--profile_steps", "0"], ["--profile_steps must be positive"]),
     ],
 )

@@ -20,8 +20,8 @@ SETTINGS = [
     {"strategy": "full"},
     {"strategy": "compress_kv", "sink_size": 4, "window_size": 24, "rope": "streaming"},
     {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 8},
-    {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 4, "group_size": 32},
-    {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 2, "group_size": 32},
+    {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 4, "key_group": 32, "value_group": 32},
+    {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 2, "key_group": 32, "value_group": 32},
     {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 8, "fp8": True},
 ]
 

@@ -25,7 +25,7 @@ def snapshot(cache):
 REFERENCE_SETTINGS = {
     "compress": compress(4, 8), "int8": quantize(4, 8, 8), "int8-s3w5": quantize(3, 5, 8), "fp8": quantize(4, 8, "fp8"),
     "int4-g4": quantize(4, 8, 4, 4), "int4-s3w5-g8": quantize(3, 5, 4, 8), "int2-g8": quantize(4, 8, 2, 8),
-    "int2-g16": quantize(4, 8, 2, 16),
+    "int2-g16": quantize(4, 8, 2, 16), "int4-k8-v4": quantize(4, 8, 4, 8, 4), "int2-k4-v8": quantize(3, 5, 2, 4, 8),
 }
 
 
@@ -99,15 +99,17 @@ def random_body(bits, B, Hkv, L, D, G, dtype, device):
     """A body of L tokens with random contents (what the kernel must leave alone is poisoned too)."""
     if bits == "fp8":
         codes = lambda: torch.randn(B, Hkv, L, D, device=device).mul(50).to(torch.float8_e4m3fn).view(torch.uint8)  # noqa: E731
-        return QuantizedBody(8, 0, codes(), torch.rand(B, Hkv, L, 1, device=device).to(dtype), None,
+        return QuantizedBody(8, 0, 0, codes(), torch.rand(B, Hkv, L, 1, device=device).to(dtype), None,
                              codes(), torch.rand(B, Hkv, L, 1, device=device).to(dtype), None, fp8=True)
     if bits == 8:
         codes = lambda: torch.randint(-127, 128, (B, Hkv, L, D), dtype=torch.int8, device=device)  # noqa: E731
-        return QuantizedBody(8, 0, codes(), torch.rand(B, Hkv, L, 1, device=device).to(dtype), None,
+        return QuantizedBody(8, 0, 0, codes(), torch.rand(B, Hkv, L, 1, device=device).to(dtype), None,
                              codes(), torch.rand(B, Hkv, L, 1, device=device).to(dtype), None)
     codes = lambda: torch.randint(0, 256, (B, Hkv, L, D * bits // 8), dtype=torch.uint8, device=device)  # noqa: E731
     param = lambda n, x: torch.randn(B, Hkv, n, x, device=device).to(dtype)  # noqa: E731
-    return QuantizedBody(bits, G, codes(), param(L // G, D), param(L // G, D), codes(), param(L, D // G), param(L, D // G))
+    VG = G // 2 if G >= 8 else G  # values grouped apart from keys
+    return QuantizedBody(bits, G, VG, codes(), param(L // G, D), param(L // G, D), codes(), param(L, D // VG),
+                         param(L, D // VG))
 
 
 @cuda
@@ -142,9 +144,10 @@ def check_kernel_against_reference(kernel, bits, dtype, B, Hkv, D, sink, window,
         k[0, 0, 0] = v[0, 0, :evict_block] = 0  # keep a zero key channel and value group: scale 1, codes 0
         ref_ek, ref_ev = ek.clone(), ev.clone()
         ref_body = body and body.with_tensors(t if t is None else t.clone() for t in body.tensors())
-        args = (None,) * 6 + (8, False) if body is None else (*ref_body.tensors(), ref_body.bits, ref_body.fp8)
+        args = (None,) * 6 + (8, False, 0) if body is None else (*ref_body.tensors(), ref_body.bits, ref_body.fp8,
+                                                                  ref_body.value_group)
         want = ring_append.ring_append_reference(pos, k, v, ref_ek, ref_ev, sink, window, evict_block, *args)
-        args = (None,) * 6 + (8, False) if body is None else (*body.tensors(), body.bits, body.fp8)
+        args = (None,) * 6 + (8, False, 0) if body is None else (*body.tensors(), body.bits, body.fp8, body.value_group)
         got = kernel(pos, k, v, ek, ev, sink, window, evict_block, *args)
         assert torch.equal(ek, ref_ek) and torch.equal(ev, ref_ev), p
         for got_t, want_t in zip(body.tensors(), ref_body.tensors()) if body else ():
@@ -186,5 +189,5 @@ def test_custom_op_registration(bits, evict_block):
     ek, ev = torch.randn(B, H, n, D), torch.randn(B, H, n, D)
     body = random_body(bits, B, H, 40, D, evict_block, torch.float32, "cpu")
     args = (torch.tensor([27]), torch.randn(B, H, D), torch.randn(B, H, D), ek, ev, sink, window, evict_block,
-            *body.tensors(), body.bits, body.fp8)
+            *body.tensors(), body.bits, body.fp8, body.value_group)
     torch.library.opcheck(torch.ops.kvcache.ring_append.default, args, test_utils=("test_schema", "test_faketensor"))

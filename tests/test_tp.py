@@ -26,12 +26,12 @@ from strategies import cache_factory
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_LEN, PREFILL_CHUNK, DECODE_STEPS = 40, 16, 50
 # Small sink/window so tokens are evicted (compress_kv) or quantized (quantize_kv) within the
-# 90 positions; group_size 8 divides the tiny model's head_dim 16.
+# 90 positions; KIVI groups of 8 divide the tiny model's head_dim 16.
 STRATEGIES = {
     "full": {"strategy": "full"},
     "compress_kv": {"strategy": "compress_kv", "sink_size": 4, "window_size": 8, "rope": "streaming"},
-    "int8": {"strategy": "quantize_kv", "sink_size": 4, "window_size": 8, "bits": 8, "group_size": 8},
-    "int4": {"strategy": "quantize_kv", "sink_size": 4, "window_size": 8, "bits": 4, "group_size": 8},
+    "int8": {"strategy": "quantize_kv", "sink_size": 4, "window_size": 8, "bits": 8},
+    "int4": {"strategy": "quantize_kv", "sink_size": 4, "window_size": 8, "bits": 4, "key_group": 8, "value_group": 8},
 }
 # fp32 throughout; TP changes only the order of summation (each rank's partial wo/w2 products,
 # then the all-reduce), so the logits agree to a few ulps of their size (~2): 1e-5 absolute.

@@ -26,6 +26,7 @@ from kv_cache import full_cache_nbytes
 from model import ModelArgs, Transformer
 from strategies import STRATEGIES, cache_factory, check_settings, strategy_settings
 from tokenizer import CheckpointFileError, make_command
+from weight_quant import FORMAT_KEY, WEIGHT_FORMATS, use_int8_linears
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -76,6 +77,12 @@ def load_model(checkpoint: Path, device: str, dtype: torch.dtype, model_name: Op
     with torch.device("meta"):
         model = Transformer(config)
     state = read_state_dict(checkpoint)
+    weight_format = state.pop(FORMAT_KEY, None)  # absent: the model's dtype
+    if weight_format is not None and weight_format not in WEIGHT_FORMATS:
+        raise UserError(f"{checkpoint} holds weights in format '{weight_format}', which this engine does not read "
+                        f"(it reads {', '.join(WEIGHT_FORMATS)} and plain checkpoints)")
+    if weight_format == "int8":
+        use_int8_linears(model)
     mismatch = state_dict_mismatch(model, state)
     if mismatch:
         raise UserError(f"{checkpoint} does not fit preset '{model_name or checkpoint.parent.name}' ({mismatch}); "

@@ -10,6 +10,7 @@ Each rank holds 1/W of every layer:
                    Qwen's qkv bias is split with its rows.
   attention.wo     row-parallel (its input columns split by the same query heads)
   feed_forward.w1/w3 column-parallel, feed_forward.w2 row-parallel (intermediate_size / W each)
+  int8 weights (weight_quant.Int8Linear) split alike; their per-output-row scales go with the rows
 and one all-reduce (sum) after attention and one after the MLP, as functional collectives so that
 torch.compile(fullgraph=True) traces them into the decode graph. The model's config and every
 Attention get the per-rank head counts, so setup_caches() gives each rank caches of only its own KV
@@ -140,19 +141,21 @@ def _rows(t: torch.Tensor, parts: list[int], world: int, r: int, device) -> torc
     return torch.cat(out) if len(out) > 1 else out[0].contiguous()
 
 
-def _set_weight(linear: nn.Linear, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
+def _set_weight(linear: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
     linear.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         linear.bias = nn.Parameter(bias, requires_grad=False)
     linear.out_features, linear.in_features = weight.shape
 
 
-def _column_parallel(linear: nn.Linear, parts: list[int], world: int, r: int, device) -> None:
+def _column_parallel(linear: nn.Module, parts: list[int], world: int, r: int, device) -> None:
     bias = None if linear.bias is None else _rows(linear.bias, parts, world, r, device)
+    if hasattr(linear, "scales"):  # weight_quant.Int8Linear: one scale per output row, split with the rows
+        linear.scales = nn.Parameter(_rows(linear.scales, parts, world, r, device), requires_grad=False)
     _set_weight(linear, _rows(linear.weight, parts, world, r, device), bias)
 
 
-def _row_parallel(linear: nn.Linear, world: int, r: int, device) -> None:
+def _row_parallel(linear: nn.Module, world: int, r: int, device) -> None:
     assert linear.bias is None, "a row-parallel bias would be added once per rank"
     share = linear.in_features // world
     _set_weight(linear, linear.weight.narrow(1, r * share, share).to(device).contiguous())

@@ -41,6 +41,7 @@ import tp
 from generate import UserError, compiled_step, pick_device
 from model import PRESETS, ModelArgs, Transformer
 from strategies import KIVI_GROUPS, cache_factory, check_settings
+from weight_quant import WEIGHT_FORMATS, use_int8_linears
 
 STRATEGY_SETTINGS = {
     "full": {"strategy": "full"},
@@ -295,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768],
                    help="context lengths timed at every batch size (default: 1024 8192 32768)")
     p.add_argument("--long_context", type=int, default=131072, help="extra context at batch 1, 0 to skip (default: %(default)s)")
+    p.add_argument("--weights", choices=["bf16", *WEIGHT_FORMATS], default="bf16",
+                   help="weight format of the random model (weight_quant.py; default: %(default)s)")
     p.add_argument("--layers", type=int, default=0,
                    help="keep only this many of the preset's layers, for kernel studies; 0 = all (default: %(default)s)")
     p.add_argument("--strategies", nargs="+", choices=list(STRATEGY_SETTINGS), default=list(STRATEGY_SETTINGS),
@@ -365,12 +368,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     if bandwidth:
         print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     model = random_model(args.model, device, dtype, args.layers)
+    if args.weights == "int8":
+        use_int8_linears(model, quantize=True)
     try:
         tp.shard(model)
     except ValueError as e:
         sys.exit(f"error: {e}" if tp.is_main() else 1)
     result = {
-        "command": " ".join(sys.argv), "commit": git_commit(), "model": args.model, "layers": model.config.n_layer, "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "command": " ".join(sys.argv), "commit": git_commit(), "model": args.model, "weights": args.weights, "layers": model.config.n_layer, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "tp": tp.world_size(),
         "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth, "rows": [], "errors": [],
     }

@@ -36,7 +36,8 @@ import triton.language as tl
 # aims for. Chosen with scripts/bench_attention.py on an H200 (docs/kernels.md has the sweep): the
 # 8-bit formats run best as one-warp programs on 32-token tiles, twice as many of them, so that
 # every reduction of the online softmax stays inside a warp (no shared-memory round trip and
-# barrier per tile) and many independent programs hide each other's latency.
+# barrier per tile) and many independent programs hide each other's latency. KIVI takes the same
+# shape on the 8-bit formats' evidence, not yet timed itself (its sweep in bench_attention.SWEEP).
 CONFIGS = {
     ("exact", 64): (64, 4, 4, 8),
     ("exact", 128): (64, 4, 4, 8),
@@ -44,16 +45,18 @@ CONFIGS = {
     ("int8", 128): (32, 1, 3, 16),
     ("fp8", 64): (32, 1, 3, 16),
     ("fp8", 128): (32, 1, 3, 16),
-    ("int4", 64): (64, 4, 3, 8),
-    ("int4", 128): (64, 4, 3, 8),
-    ("int2", 64): (64, 4, 3, 8),
-    ("int2", 128): (64, 4, 3, 8),
+    ("int4", 64): (32, 1, 3, 16),
+    ("int4", 128): (32, 1, 3, 16),
+    ("int2", 64): (32, 1, 3, 16),
+    ("int2", 128): (32, 1, 3, 16),
 }
 FORMAT_IDS = {"exact": 0, "int8": 1, "fp8": 2}
 # Tuning switches, module-level so the benchmark can sweep them (and CONFIGS) without widening
 # the launch API.
 CONVERT_ASM = True  # 8-bit codes converted with the PTX below (else plain casts, as under the interpreter)
-KIVI_ASM = True  # bf16 KIVI tiles unpacked and dequantized with PTX (decode_kernels_kivi)
+KIVI_ASM = True  # KIVI tiles unpacked and dequantized with PTX (decode_kernels_kivi; bf16 caches unless KIVI_F16)
+KIVI_F16 = True  # KIVI codes dequantized into fp16 with one FMA per code pair (else bf16 with two)
+KIVI_PREFETCH = True  # KIVI scales and zeros loaded one tile ahead (else where they are used)
 MIN_SPLIT = 512  # tokens of capacity per split at least (batch 1 at 32K ran best near 1K)
 INT8_OFFSET = 1152.0  # 1024 (the fp16 exponent the bytes sit under) + 128 (the flipped sign bit)
 INT8_OFFSET_T = tl.constexpr(INT8_OFFSET)  # the kernels read it as a global
@@ -311,7 +314,8 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
                 body.v_codes, *body.v_codes.stride()[:3], body.k_scale, body.k_zero, *body.k_scale.stride()[:3],
                 body.v_scale, body.v_zero, *body.v_scale.stride()[:3], body_len, q, *outputs,
                 BITS=body.bits, G=body.key_group, VG=body.value_group, HAS_LEN=True, HAS_MASK=False,
-                KIVI_ASM=KIVI_ASM and q.is_cuda and q.dtype == torch.bfloat16, **launch)
+                KIVI_ASM=KIVI_ASM and q.is_cuda and (KIVI_F16 or q.dtype == torch.bfloat16), F16=KIVI_F16,
+                PREFETCH=KIVI_PREFETCH, **launch)
         offset += n_splits
     if out is None:
         out = torch.empty_like(q)

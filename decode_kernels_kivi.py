@@ -2,11 +2,23 @@
 segment of packed codes, launched by decode_kernels (which combines the splits).
 
 Planar packing (kv_quant): byte j of a token holds channels j, j + DP, ... at bit offsets 0, BITS,
-...; plane i = channels [i*DP, (i+1)*DP). Each tile is loaded once as dense [BLOCK_N, DP] bytes and
-unpacked per plane in registers; the dots run per plane over DP channels, one fp32 accumulator
-[M, DP] per plane. A tile never spans two key groups (BLOCK_N <= G, the key group, and splits
-start on tile boundaries); VG is the value group. bf16 caches (KIVI_ASM) unpack and dequantize with packed-register PTX, a few
-instructions per code pair; other dtypes and the interpreter take the portable path.
+...; plane i = channels [i*DP, (i+1)*DP). Each tile is loaded once as dense bytes ([DP, BLOCK_N]
+keys, [BLOCK_N, NGP, GV] values) and unpacked per plane in registers; the dots run per plane over
+DP channels, one fp32 accumulator [M, DP] per plane. A tile never spans two key groups (BLOCK_N <=
+G, the key group, and splits start on tile boundaries), so its key scales and zeros are one row
+of D per tile; VG is the value group (per token, a scale and zero per VG channels). The scales
+and zeros are loaded one tile ahead (PREFETCH), as the 8-bit kernel's scales.
+
+Dequantization, code -> zero + code * scale, from a float f built from the code's bits:
+  F16   f = 1 + code / 2**BITS in fp16 (the code under the top of the mantissa), and one FMA
+        f * a + b with a = 2**BITS * scale, b = zero - a rounded to fp16 once per group; q and P
+        are fp16 too. fp16's 11 bits keep b's rounding below the bf16 path's error;
+  bf16  f = 128 + code in bf16 (under the exponent of 128), minus 128 (exact), then one FMA with
+        scale and zero: two per element (one FMA f * scale + (zero - 128 * scale) would round
+        zero - 128 * scale, an error of a quarter step, to bf16).
+KIVI_ASM does both in packed-register PTX (unpack about one instruction per code, one fma.rn.f16x2
+or two fma.rn.bf16x2 per code pair); without it (other dtypes in bf16 mode, the interpreter) the
+same arithmetic is written with plain ops in fp32.
 """
 import triton
 import triton.language as tl
@@ -14,134 +26,219 @@ import triton.language as tl
 from decode_kernels import finish_split, online_softmax, split_bounds
 
 
-def _unpack_asm(bits):
-    """PTX for four packed bytes (one register) -> every plane of them as bf16 128 + code, two per
-    output register: PRMT orders the bytes (b0, b2, b1, b3) so that one LOP3 (mask, then OR the
-    bf16 exponent of 128) yields the pair (byte i, byte i + 1) of a plane; about one instruction
-    per code. Outputs $0, $1 are plane 0's elements (0, 1) and (2, 3), $2, $3 plane 1's, ..."""
+def _unpack_asm(bits, f16):
+    """PTX for four packed bytes (one register) -> every plane of them as f (module docstring),
+    two per output register: PRMT orders the bytes (b0, b2, b1, b3) so that a shift and one LOP3
+    (mask, then OR the exponent) yield the pair (byte i, byte i + 1) of a plane; about one
+    instruction per code. Outputs $0, $1 are plane 0's elements (0, 1) and (2, 3), $2, $3 plane
+    1's, ..."""
     n = 8 // bits
-    mask = (1 << bits) - 1
+    top = 10 - bits if f16 else 0  # where the code goes in each 16-bit half
+    mask = ((1 << bits) - 1) << top
+    exponent = 0x3C003C00 if f16 else 0x43004300  # fp16 1.0 / bf16 128.0, twice
     lines = ["{", ".reg .b32 t, u;", f"prmt.b32 t, ${2 * n}, 0, 0x3120;"]
     for plane in range(n):
         for half in range(2):
-            shift = 8 * half + plane * bits
+            shift = 8 * half + plane * bits - top  # > 0: right
             src = "t"
             if shift:
-                lines.append(f"shr.u32 u, t, {shift};")
+                lines.append(f"{'shr' if shift > 0 else 'shl'}.b32 u, t, {abs(shift)};")
                 src = "u"
-            lines.append(f"lop3.b32 ${2 * plane + half}, {src}, 0x{mask | mask << 16:08x}, 0x43004300, 0xea;")
+            lines.append(f"lop3.b32 ${2 * plane + half}, {src}, 0x{mask | mask << 16:08x}, 0x{exponent:08x}, 0xea;")
     return "\n".join(lines + ["}"])
 
 
-_DEQUANT_PTX = "\n".join([
+_DEQUANT_BF16_PTX = "\n".join([
     "{", ".reg .b32 c, one, off;", "mov.b32 one, 0x3f803f80;", "mov.b32 off, 0xc300c300;",
     "fma.rn.bf16x2 c, $1, one, off;", "fma.rn.bf16x2 $0, c, $2, $3;", "}",
 ])
 
 
-_UNPACK4_ASM = tl.constexpr(_unpack_asm(4))
-_UNPACK2_ASM = tl.constexpr(_unpack_asm(2))
-_DEQUANT_ASM = tl.constexpr(_DEQUANT_PTX)
+_UNPACK4_ASM = tl.constexpr(_unpack_asm(4, False))
+_UNPACK2_ASM = tl.constexpr(_unpack_asm(2, False))
+_UNPACK4_F16_ASM = tl.constexpr(_unpack_asm(4, True))
+_UNPACK2_F16_ASM = tl.constexpr(_unpack_asm(2, True))
+_DEQUANT_BF16_ASM = tl.constexpr(_DEQUANT_BF16_PTX)
+_DEQUANT_F16_ASM = tl.constexpr("fma.rn.f16x2 $0, $1, $2, $3;")
 
 
 @triton.jit
-def _plane_codes(packed, I: tl.constexpr, BITS: tl.constexpr):
-    """Plane I of a packed uint8 tile as fp32 128 + code, exact: the code goes into the
-    mantissa under the exponent of 128.0 (shift, mask, or; no int -> float conversion)."""
+def _affine(scale, zero, BITS: tl.constexpr, F16: tl.constexpr):
+    """What the dequantization multiplies and adds (module docstring): F16 (a, b) =
+    (2**BITS * scale, zero - 2**BITS * scale) rounded to fp16 once, else (scale, zero)."""
+    if F16:
+        a = scale.to(tl.float32) * (1 << BITS)
+        return a.to(tl.float16), (zero.to(tl.float32) - a).to(tl.float16)
+    else:
+        return scale, zero
+
+
+@triton.jit
+def _key_params_plane(KS, KZ, row, I: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
+    """_affine of plane I's channels in the key group at offset `row`, [DP] each."""
+    offs = row + I * DP + tl.arange(0, DP)
+    return _affine(tl.load(KS + offs), tl.load(KZ + offs), BITS, F16)
+
+
+@triton.jit
+def _key_params(KS, KZ, n, cap, sksn, G: tl.constexpr, DP: tl.constexpr, NPL: tl.constexpr, BITS: tl.constexpr,
+                F16: tl.constexpr):
+    """The key parameters of the group holding token n: a tuple of NPL (a, b) pairs, one per
+    plane. A token past the capacity (the tile after a split's last) reads the last group
+    instead, unused: no mask."""
+    row = (tl.minimum(n, cap - 1) // G) * sksn
+    p0 = _key_params_plane(KS, KZ, row, 0, DP, BITS, F16)
+    p1 = _key_params_plane(KS, KZ, row, 1, DP, BITS, F16)
+    if NPL == 2:
+        return p0, p1
+    else:
+        return (p0, p1, _key_params_plane(KS, KZ, row, 2, DP, BITS, F16),
+                _key_params_plane(KS, KZ, row, 3, DP, BITS, F16))
+
+
+@triton.jit
+def _value_params_plane(VS, VZ, rows, ok, I: tl.constexpr, DP: tl.constexpr, VG: tl.constexpr, NGP: tl.constexpr,
+                        BITS: tl.constexpr, F16: tl.constexpr):
+    """_affine of plane I's value groups for the tokens at offsets `rows` [BLOCK_N]: [BLOCK_N,
+    NGP] each, part j of the plane (GV channels) in group I * DP // VG + j."""
+    offs = rows[:, None] + (I * DP // VG + tl.arange(0, NGP))[None, :]
+    return _affine(tl.load(VS + offs, mask=ok[:, None], other=0.0), tl.load(VZ + offs, mask=ok[:, None], other=0.0),
+                   BITS, F16)
+
+
+@triton.jit
+def _value_params(VS, VZ, offs_n, ok, svsn, DP: tl.constexpr, VG: tl.constexpr, NGP: tl.constexpr,
+                  NPL: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
+    """The value parameters of tokens offs_n [BLOCK_N]: a tuple of NPL (a, b) pairs, one per
+    plane, [BLOCK_N, NGP] each."""
+    rows = offs_n * svsn
+    p0 = _value_params_plane(VS, VZ, rows, ok, 0, DP, VG, NGP, BITS, F16)
+    p1 = _value_params_plane(VS, VZ, rows, ok, 1, DP, VG, NGP, BITS, F16)
+    if NPL == 2:
+        return p0, p1
+    else:
+        return (p0, p1, _value_params_plane(VS, VZ, rows, ok, 2, DP, VG, NGP, BITS, F16),
+                _value_params_plane(VS, VZ, rows, ok, 3, DP, VG, NGP, BITS, F16))
+
+
+# ---- portable path (plain ops in fp32; the interpreter's) ----
+@triton.jit
+def _plane_codes(packed, I: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
+    """Plane I of a packed uint8 tile as fp32 f, exact, from bits (shift, mask, or; no int ->
+    float conversion): F16 1 + code / 2**BITS (under the top of the mantissa), else 128 + code."""
     c = (packed.to(tl.int32) >> (I * BITS)) & ((1 << BITS) - 1)
-    return ((c << 16) | 0x43000000).to(tl.float32, bitcast=True)
+    if F16:
+        return ((c << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+    else:
+        return ((c << 16) | 0x43000000).to(tl.float32, bitcast=True)
+
 
 @triton.jit
-def _kivi_key_plane(q_i, kb, ks_row, kz_row, I: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
-    """Scores of plane I (channels [I*DP, (I+1)*DP)) of a key tile within one token group.
+def _dequant(f, a, b, F16: tl.constexpr):
+    """Values in fp32 from f (_plane_codes) and _affine's (a, b), broadcast against f."""
+    if F16:
+        return f * a.to(tl.float32) + b.to(tl.float32)
+    else:
+        return (f - 128.0) * a.to(tl.float32) + b.to(tl.float32)
 
-    q_i [M, DP] in q's dtype, kb [DP, BLOCK_N] packed bytes. key = code * scale + zero
-    dequantized in fp32 and rounded to q's dtype (as precise as a cache of that dtype), then
-    q_i . key.
-    """
-    offs = I * DP + tl.arange(0, DP)
-    ks = tl.load(ks_row + offs).to(tl.float32)
-    kz = tl.load(kz_row + offs).to(tl.float32)
-    kt = _plane_codes(kb, I, BITS) * ks[:, None] + (kz - 128.0 * ks)[:, None]  # one FMA: zero + code * scale
+
+@triton.jit
+def _kivi_key_plane(q_i, kb, params, I: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
+    """Scores of plane I (channels [I*DP, (I+1)*DP)) of a key tile within one token group:
+    q_i [M, DP] in the dots' dtype, kb [DP, BLOCK_N] packed bytes, params the plane's (a, b)
+    [DP]; the keys rounded once to q_i's dtype."""
+    kt = _dequant(_plane_codes(kb, I, BITS, F16), params[0][:, None], params[1][:, None], F16)
     return tl.dot(q_i, kt.to(q_i.dtype))
 
-@triton.jit
-def _kivi_value_plane(vb, vs_row, vz_row, ok_n, I: tl.constexpr, DP: tl.constexpr, G: tl.constexpr,
-                      BITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Plane I of a value tile dequantized in fp32, [BLOCK_N, DP]: zero + code * scale with
-    the per-token (scale, zero) of each channel's group (G >= DP: one group for the plane;
-    else DP/G groups, loaded once per token and broadcast over their G channels)."""
-    f = _plane_codes(vb, I, BITS)  # 128 + code
-    if G >= DP:
-        g = I * DP // G
-        vs = tl.load(vs_row + g, mask=ok_n, other=0.0).to(tl.float32)  # [BLOCK_N]
-        vz = tl.load(vz_row + g, mask=ok_n, other=0.0).to(tl.float32)
-        return f * vs[:, None] + (vz - 128.0 * vs)[:, None]
-    else:
-        NGP: tl.constexpr = DP // G
-        offs_g = I * NGP + tl.arange(0, NGP)
-        vs = tl.load(vs_row[:, None] + offs_g[None, :], mask=ok_n[:, None], other=0.0).to(tl.float32)
-        vz = tl.load(vz_row[:, None] + offs_g[None, :], mask=ok_n[:, None], other=0.0).to(tl.float32)
-        vs_c = tl.reshape(tl.broadcast_to(vs[:, :, None], [BLOCK_N, NGP, G]), [BLOCK_N, DP])
-        vz_c = tl.reshape(tl.broadcast_to((vz - 128.0 * vs)[:, :, None], [BLOCK_N, NGP, G]), [BLOCK_N, DP])
-        return f * vs_c + vz_c
-
-# bf16 caches (KIVI_ASM): codes unpacked and dequantized with packed-register PTX, about 2
-# instructions per code instead of ~6 (shift, mask, or, fp32 FMA, convert per element).
-@triton.jit
-def _unpack_planes(packed, BITS: tl.constexpr):
-    """Every plane of a packed uint8 tile as bf16 128 + code (exact), a tuple of 8 // BITS."""
-    if BITS == 4:
-        return tl.inline_asm_elementwise(_UNPACK4_ASM, "=r,=r,=r,=r,r", [packed],
-                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-    else:
-        return tl.inline_asm_elementwise(_UNPACK2_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
-                                         dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
-                                         is_pure=True, pack=4)
 
 @triton.jit
-def _dequant_bf16(f, scale, zero):
-    """(128 + code) - 128 (exact), then code * scale + zero rounded once: two bf16x2 FMAs
-    per pair of elements; scale and zero bf16, broadcast against f.
+def _kivi_value_plane(vb3, params, I: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr, BLOCK_N: tl.constexpr,
+                      DP: tl.constexpr):
+    """Plane I of a value tile in fp32, [BLOCK_N, DP], from vb3 [BLOCK_N, NGP, GV] packed bytes
+    and the per-token (a, b) [BLOCK_N, NGP] of each part of the plane, broadcast over its GV
+    channels."""
+    v = _dequant(_plane_codes(vb3, I, BITS, F16), params[0][:, :, None], params[1][:, :, None], F16)
+    return tl.reshape(v, [BLOCK_N, DP])
+
+
+# ---- KIVI_ASM: packed-register PTX ----
+@triton.jit
+def _unpack_planes(packed, BITS: tl.constexpr, F16: tl.constexpr):
+    """Every plane of a packed uint8 tile as f (exact; fp16 or bf16), a tuple of 8 // BITS."""
+    if F16:
+        if BITS == 4:
+            return tl.inline_asm_elementwise(_UNPACK4_F16_ASM, "=r,=r,=r,=r,r", [packed],
+                                             dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_UNPACK2_F16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
+                                             dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                             is_pure=True, pack=4)
+    else:
+        if BITS == 4:
+            return tl.inline_asm_elementwise(_UNPACK4_ASM, "=r,=r,=r,=r,r", [packed],
+                                             dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_UNPACK2_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
+                                             dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                                             is_pure=True, pack=4)
+
+
+@triton.jit
+def _dequant_asm(f, a, b, F16: tl.constexpr):
+    """f (a plane from _unpack_planes) -> its values in f's dtype, with _affine's (a, b)
+    broadcastable against f. F16: f * a + b, one fma.rn.f16x2 per pair of elements; bf16:
+    (f - 128) exactly, then code * scale + zero rounded once, two fma.rn.bf16x2.
 
     is_pure=False pins it where it is written: a pure op is moved past the layout conversion
     into the dot operand's layout, where each thread holds codes of many tokens and loads a
     scale and zero for each (sm_90 SASS per 32-token int4 tile, G 32: 776 instructions, 64
     loads; pinned in the load layout, whose 16 codes per thread share one group: 414)."""
-    return tl.inline_asm_elementwise(_DEQUANT_ASM, "=r,r,r,r", [f, scale, zero], dtype=tl.bfloat16,
-                                     is_pure=False, pack=2)
+    if F16:
+        return tl.inline_asm_elementwise(_DEQUANT_F16_ASM, "=r,r,r,r", [f, a, b], dtype=tl.float16, is_pure=False,
+                                         pack=2)
+    else:
+        return tl.inline_asm_elementwise(_DEQUANT_BF16_ASM, "=r,r,r,r", [f, a, b], dtype=tl.bfloat16, is_pure=False,
+                                         pack=2)
+
 
 @triton.jit
-def _kivi_key_plane_bf16(f, ks_row, kz_row, I: tl.constexpr, DP: tl.constexpr):
-    """Keys of plane I, [DP, BLOCK_N] bf16, from f = 128 + code and the group's channel params."""
-    offs = I * DP + tl.arange(0, DP)
-    return _dequant_bf16(f, tl.load(ks_row + offs)[:, None], tl.load(kz_row + offs)[:, None])
+def _kivi_key_plane_asm(f, params, F16: tl.constexpr):
+    """Keys of a plane, [DP, BLOCK_N], from f [DP, BLOCK_N] and the plane's (a, b) [DP]."""
+    return _dequant_asm(f, params[0][:, None], params[1][:, None], F16)
+
 
 @triton.jit
-def _kivi_value_plane_bf16(f, vs_row, vz_row, ok_n, I: tl.constexpr, DP: tl.constexpr, G: tl.constexpr,
-                           NGP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Values of plane I as bf16 [BLOCK_N, DP] from f = 128 + code [BLOCK_N, NGP, DP / NGP]:
-    part j of the plane is in value group (I * DP + j * DP / NGP) // G."""
-    groups = (I * DP + tl.arange(0, NGP) * (DP // NGP)) // G
-    vs = tl.load(vs_row[:, None] + groups[None, :], mask=ok_n[:, None], other=0.0)  # [BLOCK_N, NGP]
-    vz = tl.load(vz_row[:, None] + groups[None, :], mask=ok_n[:, None], other=0.0)
-    return tl.reshape(_dequant_bf16(f, vs[:, :, None], vz[:, :, None]), [BLOCK_N, DP])
+def _kivi_value_plane_asm(f, params, F16: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr):
+    """Values of a plane, [BLOCK_N, DP], from f [BLOCK_N, NGP, GV] and the plane's per-token
+    (a, b) [BLOCK_N, NGP]."""
+    return tl.reshape(_dequant_asm(f, params[0][:, :, None], params[1][:, :, None], F16), [BLOCK_N, DP])
+
+
+@triton.jit
+def _load_q(ptrs, row_ok, qk_scale, F16: tl.constexpr):
+    """A plane of q, [M, DP], in the dots' dtype: F16 prescaled (softmax scale, log2 e) and
+    rounded to fp16 once, so that the scores leave the dots in log2 units; else as stored."""
+    q = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    if F16:
+        return (q.to(tl.float32) * qk_scale).to(tl.float16)
+    else:
+        return q
 
 
 @triton.jit
 def kivi_partial_kernel(
     Q, sqb, sqh,
-    K, skb, skh, skn,  # codes (or exact slots)
+    K, skb, skh, skn,  # packed codes [B, Hkv, L, DP]
     V, svb, svh, svn,
-    KS, KZ, sksb, sksh, sksn,  # key scale / zero (same strides)
-    VS, VZ, svsb, svsh, svsn,  # value scale / zero (same strides)
+    KS, KZ, sksb, sksh, sksn,  # key scale / zero [B, Hkv, L / G, D] (same strides)
+    VS, VZ, svsb, svsh, svsn,  # value scale / zero [B, Hkv, L, D / VG] (same strides)
     LEN, MASK,
     O, LSE, so_b, so_h, so_s,  # partial out [B, Hq, S_total, D] fp32, lse [B, Hq, S_total]
     sl_b, sl_h,
     qk_scale, Hkv, split_offset, n_splits, cap,
     N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
-    KIVI_ASM: tl.constexpr,
+    KIVI_ASM: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     b = tl.program_id(0) // Hkv
     h = tl.program_id(0) % Hkv
@@ -160,81 +257,86 @@ def kivi_partial_kernel(
     DP: tl.constexpr = D * BITS // 8  # bytes per token
     NPL: tl.constexpr = 8 // BITS  # planes
     offs_p = tl.arange(0, DP)
-    q0 = tl.load(q_base[:, None] + offs_p[None, :], mask=row_ok[:, None], other=0.0)
-    q1 = tl.load(q_base[:, None] + DP + offs_p[None, :], mask=row_ok[:, None], other=0.0)
+    q0 = _load_q(q_base[:, None] + offs_p[None, :], row_ok, qk_scale, F16)  # [M, DP], the dots' dtype
+    q1 = _load_q(q_base[:, None] + DP + offs_p[None, :], row_ok, qk_scale, F16)
     acc0 = tl.zeros([M, DP], tl.float32)
     acc1 = tl.zeros([M, DP], tl.float32)
-    # Values of a bf16 cache (KIVI_ASM) load as [BLOCK_N, NGP, GV]: GV channels of a plane
-    # share one value group, so each token's (scale, zero) broadcasts along the last axis in
-    # registers; a reshape to [BLOCK_N, DP] then feeds the dot.
+    if NPL == 4:
+        q2 = _load_q(q_base[:, None] + 2 * DP + offs_p[None, :], row_ok, qk_scale, F16)
+        q3 = _load_q(q_base[:, None] + 3 * DP + offs_p[None, :], row_ok, qk_scale, F16)
+        acc2 = tl.zeros([M, DP], tl.float32)
+        acc3 = tl.zeros([M, DP], tl.float32)
+    # Values load as [BLOCK_N, NGP, GV]: GV channels of a plane share one value group, so each
+    # token's (scale, zero) broadcasts along the last axis in registers; a reshape to
+    # [BLOCK_N, DP] then feeds the dot.
     GV: tl.constexpr = VG if VG < DP else DP
     NGP: tl.constexpr = DP // GV
     offs_v3 = tl.arange(0, NGP)[None, :, None] * GV + tl.arange(0, GV)[None, None, :]  # [1, NGP, GV]
-    if NPL == 4:
-        q2 = tl.load(q_base[:, None] + 2 * DP + offs_p[None, :], mask=row_ok[:, None], other=0.0)
-        q3 = tl.load(q_base[:, None] + 3 * DP + offs_p[None, :], mask=row_ok[:, None], other=0.0)
-        acc2 = tl.zeros([M, DP], tl.float32)
-        acc3 = tl.zeros([M, DP], tl.float32)
     ks_base = KS + b * sksb + h * sksh
     kz_base = KZ + b * sksb + h * sksh
     vs_base = VS + b * svsb + h * svsh
     vz_base = VZ + b * svsb + h * svsh
 
+    if PREFETCH:
+        # The scales and zeros are loaded one tile ahead: the pipeliner stages only the code
+        # tiles the dots read, so a parameter loaded where it is used exposes a whole memory
+        # latency every tile.
+        kp_next = _key_params(ks_base, kz_base, start, cap, sksn, G, DP, NPL, BITS, F16)
+        vp_next = _value_params(vs_base, vz_base, start + offs_n0, (start + offs_n0) < end, svsn,
+                                DP, VG, NGP, NPL, BITS, F16)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + offs_n0
         ok_n = offs_n < end
         if HAS_MASK:
             ok_n = ok_n & (tl.load(MASK + offs_n, mask=ok_n, other=0) != 0)
+        if PREFETCH:
+            kp, vp = kp_next, vp_next
+            kp_next = _key_params(ks_base, kz_base, n0 + BLOCK_N, cap, sksn, G, DP, NPL, BITS, F16)
+            vp_next = _value_params(vs_base, vz_base, offs_n + BLOCK_N, (offs_n + BLOCK_N) < end, svsn,
+                                    DP, VG, NGP, NPL, BITS, F16)
+        else:
+            kp = _key_params(ks_base, kz_base, n0, cap, sksn, G, DP, NPL, BITS, F16)
+            vp = _value_params(vs_base, vz_base, offs_n, ok_n, svsn, DP, VG, NGP, NPL, BITS, F16)
         # ---- scores [M, BLOCK_N] ----
         kb = tl.load(k_base + offs_n[None, :] * skn + offs_p[:, None], mask=ok_n[None, :], other=0)  # [DP, BLOCK_N]
-        ks_row = ks_base + (n0 // G) * sksn  # the tile's key group
-        kz_row = kz_base + (n0 // G) * sksn
         if KIVI_ASM:
-            if NPL == 2:
-                f0, f1 = _unpack_planes(kb, BITS)
-            else:
-                f0, f1, f2, f3 = _unpack_planes(kb, BITS)
-            s = tl.dot(q0, _kivi_key_plane_bf16(f0, ks_row, kz_row, 0, DP))
-            s = tl.dot(q1, _kivi_key_plane_bf16(f1, ks_row, kz_row, 1, DP), s)
+            fk = _unpack_planes(kb, BITS, F16)
+            s = tl.dot(q0, _kivi_key_plane_asm(fk[0], kp[0], F16))
+            s = tl.dot(q1, _kivi_key_plane_asm(fk[1], kp[1], F16), s)
             if NPL == 4:
-                s = tl.dot(q2, _kivi_key_plane_bf16(f2, ks_row, kz_row, 2, DP), s)
-                s = tl.dot(q3, _kivi_key_plane_bf16(f3, ks_row, kz_row, 3, DP), s)
+                s = tl.dot(q2, _kivi_key_plane_asm(fk[2], kp[2], F16), s)
+                s = tl.dot(q3, _kivi_key_plane_asm(fk[3], kp[3], F16), s)
         else:
-            s = _kivi_key_plane(q0, kb, ks_row, kz_row, 0, DP, BITS)
-            s += _kivi_key_plane(q1, kb, ks_row, kz_row, 1, DP, BITS)
+            s = _kivi_key_plane(q0, kb, kp[0], 0, BITS, F16)
+            s += _kivi_key_plane(q1, kb, kp[1], 1, BITS, F16)
             if NPL == 4:
-                s += _kivi_key_plane(q2, kb, ks_row, kz_row, 2, DP, BITS)
-                s += _kivi_key_plane(q3, kb, ks_row, kz_row, 3, DP, BITS)
-        s = tl.where(ok_n[None, :], s * qk_scale, float("-inf"))
+                s += _kivi_key_plane(q2, kb, kp[2], 2, BITS, F16)
+                s += _kivi_key_plane(q3, kb, kp[3], 3, BITS, F16)
+        if not F16:
+            s = s * qk_scale
+        s = tl.where(ok_n[None, :], s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax(s, m_i, l_i)
         # ---- values ----
-        vs_row = vs_base + offs_n * svsn  # [BLOCK_N]
-        vz_row = vz_base + offs_n * svsn
         pq = p.to(q0.dtype)
+        vb3 = tl.load(v_base + offs_n[:, None, None] * svn + offs_v3, mask=ok_n[:, None, None],
+                      other=0)  # [BLOCK_N, NGP, GV]
         if KIVI_ASM:
-            vb3 = tl.load(v_base + offs_n[:, None, None] * svn + offs_v3, mask=ok_n[:, None, None], other=0)
-            if NPL == 2:
-                f0, f1 = _unpack_planes(vb3, BITS)
-            else:
-                f0, f1, f2, f3 = _unpack_planes(vb3, BITS)
-            acc0 = tl.dot(pq, _kivi_value_plane_bf16(f0, vs_row, vz_row, ok_n, 0, DP, VG, NGP, BLOCK_N), acc0 * alpha[:, None])
-            acc1 = tl.dot(pq, _kivi_value_plane_bf16(f1, vs_row, vz_row, ok_n, 1, DP, VG, NGP, BLOCK_N), acc1 * alpha[:, None])
+            fv = _unpack_planes(vb3, BITS, F16)
+            acc0 = tl.dot(pq, _kivi_value_plane_asm(fv[0], vp[0], F16, BLOCK_N, DP), acc0 * alpha[:, None])
+            acc1 = tl.dot(pq, _kivi_value_plane_asm(fv[1], vp[1], F16, BLOCK_N, DP), acc1 * alpha[:, None])
             if NPL == 4:
-                acc2 = tl.dot(pq, _kivi_value_plane_bf16(f2, vs_row, vz_row, ok_n, 2, DP, VG, NGP, BLOCK_N),
-                              acc2 * alpha[:, None])
-                acc3 = tl.dot(pq, _kivi_value_plane_bf16(f3, vs_row, vz_row, ok_n, 3, DP, VG, NGP, BLOCK_N),
-                              acc3 * alpha[:, None])
+                acc2 = tl.dot(pq, _kivi_value_plane_asm(fv[2], vp[2], F16, BLOCK_N, DP), acc2 * alpha[:, None])
+                acc3 = tl.dot(pq, _kivi_value_plane_asm(fv[3], vp[3], F16, BLOCK_N, DP), acc3 * alpha[:, None])
         else:
-            vb = tl.load(v_base + offs_n[:, None] * svn + offs_p[None, :], mask=ok_n[:, None], other=0)  # [BLOCK_N, DP]
-            v0 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 0, DP, VG, BITS, BLOCK_N).to(q0.dtype)
-            acc0 = tl.dot(pq, v0, acc0 * alpha[:, None])
-            v1 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 1, DP, VG, BITS, BLOCK_N).to(q0.dtype)
-            acc1 = tl.dot(pq, v1, acc1 * alpha[:, None])
+            acc0 = tl.dot(pq, _kivi_value_plane(vb3, vp[0], 0, BITS, F16, BLOCK_N, DP).to(q0.dtype),
+                          acc0 * alpha[:, None])
+            acc1 = tl.dot(pq, _kivi_value_plane(vb3, vp[1], 1, BITS, F16, BLOCK_N, DP).to(q0.dtype),
+                          acc1 * alpha[:, None])
             if NPL == 4:
-                v2 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 2, DP, VG, BITS, BLOCK_N).to(q0.dtype)
-                acc2 = tl.dot(pq, v2, acc2 * alpha[:, None])
-                v3 = _kivi_value_plane(vb, vs_row, vz_row, ok_n, 3, DP, VG, BITS, BLOCK_N).to(q0.dtype)
-                acc3 = tl.dot(pq, v3, acc3 * alpha[:, None])
+                acc2 = tl.dot(pq, _kivi_value_plane(vb3, vp[2], 2, BITS, F16, BLOCK_N, DP).to(q0.dtype),
+                              acc2 * alpha[:, None])
+                acc3 = tl.dot(pq, _kivi_value_plane(vb3, vp[3], 3, BITS, F16, BLOCK_N, DP).to(q0.dtype),
+                              acc3 * alpha[:, None])
 
     # ---- this split's normalized output and log2-sum-exp ----
     sp = split_offset + tl.program_id(1)

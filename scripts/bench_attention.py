@@ -7,10 +7,12 @@ copy bandwidth. Every timed configuration is also checked against decode_attenti
 
     python3 -m scripts.bench_attention [--sweep] [--variants] [--sass] [--out DIR]
 
---sweep times other (BLOCK_N, warps, stages) and split counts; --variants times each 8-bit
-format with its conversions written as plain casts (decode_kernels.CONVERT_ASM off) and KIVI
-without its PTX, to see what each stage costs; --sass writes each compiled kernel's SASS next to
-the JSON. Writes bench_attention.json (and prints a table) to $OUT, else outputs/.
+The KIVI modes int4 and int2 use the shipped groups (strategies.KIVI_GROUPS). --sweep times other
+(BLOCK_N, warps, stages) and split counts at batch 8 / 32K; --variants times each format with one
+of decode_kernels' switches flipped at a time (VARIANTS: the 8-bit conversions as plain casts;
+KIVI's scales loaded where used, bf16 dequantization, no PTX), to see what each stage costs;
+--sass writes each compiled kernel's SASS next to the JSON. Writes bench_attention.json (and
+prints a table) to $OUT, else outputs/.
 """
 import argparse
 import json
@@ -26,23 +28,27 @@ import torch.nn.functional as F
 import decode_attention as da
 import decode_kernels as dk
 import kv_quant
+from strategies import KIVI_GROUPS
 
 HQ, HKV, D = 32, 8, 128
-# (BLOCK_N, num_warps, num_stages, waves) tried per format (decode_kernels.CONFIGS).
+# (BLOCK_N, num_warps, num_stages, waves) tried per format (decode_kernels.CONFIGS), the shipped
+# one first. The 8-bit formats near their chosen one-warp config (the wider sweep is in
+# docs/kernels.md); KIVI one-warp programs on 32- and 64-token tiles against the earlier 4-warp
+# ones (int2's 32-token key groups cap its tiles at 32: flash_decode keeps a tile within a group).
 SWEEP = {
     "bf16": [(64, 4, 3, 8), (64, 4, 4, 8), (128, 4, 3, 8), (128, 8, 3, 8), (64, 4, 4, 16)],
-    **{m: [(bn, w, st, wv) for bn, w in ((16, 1), (32, 1), (64, 1), (64, 2), (64, 4), (128, 4)) for st in (2, 3, 4)
-           for wv in (8, 16)] for m in ("int8", "fp8")},
-    **{m: [(bn, w, st, 8) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
-       for m in ("int4", "int2", "int4k128", "int2k128")},
+    **{m: [(32, 1, 3, 16), (32, 1, 2, 16), (32, 1, 3, 8)] for m in ("int8", "fp8")},
+    "int4": [(32, 1, 3, 16), (32, 1, 2, 16), (32, 1, 3, 8), (64, 1, 2, 16), (64, 2, 3, 8), (64, 4, 3, 8),
+             (128, 4, 3, 8)],
+    "int2": [(32, 1, 3, 16), (32, 1, 2, 16), (32, 1, 3, 8), (32, 4, 3, 8)],
 }
 RESIDUAL = 64  # exact slots after a quantized body (valid of 128)
-# mode -> (bits, (key group, value group)); KIVI modes name their key group when it is not 32.
-MODE_BITS = {"int8": (8, None), "fp8": ("fp8", None), "int4": (4, (32, 32)), "int2": (2, (32, 32)),
-             "int4k128": (4, (128, 32)), "int2k128": (2, (128, 32))}
-MODE_FORMAT = {"bf16": "exact", "int4k128": "int4", "int2k128": "int2"}  # else the mode is the format
-# What --variants switches off per format (a module switch of decode_kernels).
-VARIANT_SWITCH = {"int8": "CONVERT_ASM", "fp8": "CONVERT_ASM", "int4": "KIVI_ASM", "int2": "KIVI_ASM"}
+# mode -> (bits, (key group, value group)): the KIVI modes with their shipped groups.
+MODE_BITS = {"int8": (8, None), "fp8": ("fp8", None), "int4": (4, KIVI_GROUPS[4]), "int2": (2, KIVI_GROUPS[2])}
+MODE_FORMAT = {"bf16": "exact"}  # else the mode is the format
+# What --variants flips per format, one at a time (module switches of decode_kernels).
+VARIANTS = {"int8": ("CONVERT_ASM",), "fp8": ("CONVERT_ASM",),
+            **{m: ("KIVI_PREFETCH", "KIVI_F16", "KIVI_ASM") for m in ("int4", "int2")}}
 MODES = ("bf16", *MODE_BITS)
 REL_TOL = 1e-2  # kernel vs reference in bf16 (tests/test_decode_attention.py says why)
 L2_ROTATE_BYTES = 256 << 20  # rotate input sets until this many bytes: timings past the 50 MB L2
@@ -126,23 +132,24 @@ def kernel_call(a):
 
 class Switched:
     """decode_kernels' tuning switches set for a while: a format's config (BLOCK_N, warps,
-    stages, waves), a conversion switch."""
+    stages, waves), a module switch flipped from its shipped value."""
 
-    def __init__(self, mode, config=None, switch_off=None):
+    def __init__(self, mode, config=None, flip=None):
         self.key = (MODE_FORMAT.get(mode, mode), D)
-        self.config, self.switch_off = config, switch_off
+        self.config, self.flip = config, flip
 
     def __enter__(self):
         self.saved_config = dk.CONFIGS[self.key]
         if self.config:
             dk.CONFIGS[self.key] = tuple(self.config)
-        if self.switch_off:
-            setattr(dk, self.switch_off, False)
+        if self.flip:
+            self.saved_switch = getattr(dk, self.flip)
+            setattr(dk, self.flip, not self.saved_switch)
 
     def __exit__(self, *exc):
         dk.CONFIGS[self.key] = self.saved_config
-        if self.switch_off:
-            setattr(dk, self.switch_off, True)
+        if self.flip:
+            setattr(dk, self.flip, self.saved_switch)
 
 
 def sdpa_sets(B, S, n_sets):
@@ -203,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"cache formats, comma separated, from {', '.join(MODES)} (default: %(default)s)")
     p.add_argument("--variants", action="store_true",
-                   help="also time each format with its PTX conversions off (plain casts)")
+                   help="also time each format with each of its switches flipped (VARIANTS)")
     p.add_argument("--sass", action="store_true", help="write every compiled kernel's SASS next to the JSON")
     return p
 
@@ -289,10 +296,12 @@ def main(argv=None):
             check_and_time(row, a0, sets, ref, Switched(mode))
             if "ms" in row:
                 row["TBps"] = nbytes / row["ms"] / 1e9
-            switch = VARIANT_SWITCH.get(MODE_FORMAT.get(mode, mode))
-            if args.variants and switch:
-                row["variant"] = {"switched_off": switch}
-                check_and_time(row["variant"], a0, sets, ref, Switched(mode, switch_off=switch))
+            if args.variants:
+                row["variants"] = []
+                for switch in VARIANTS.get(MODE_FORMAT.get(mode, mode), ()):
+                    variant = {"flipped": f"{switch}={not getattr(dk, switch)}"}
+                    check_and_time(variant, a0, sets, ref, Switched(mode, flip=switch))
+                    row["variants"].append(variant)
             if args.sweep and (B, S) in ((8, 32768), (1, 32768)):
                 configs = SWEEP.get(mode, []) if B == 8 else []
                 if time.time() - t_start > args.budget_s:
@@ -303,11 +312,10 @@ def main(argv=None):
                     sweep.append(entry)
                 save()
             rows.append(row)
-            variant = row.get("variant", {})
             print(f"B={B:2d} S={S:6d} {mode:9s} " + (
                 f"{row['ms']:.4f} ms {row['TBps']:.2f} TB/s (floor {row['floor_ms']:.4f}) err {row['rel_err']:.1e}"
                 if "ms" in row else row.get("error", "")
-            ) + (f"; {variant['switched_off']} off {variant['ms']:.4f} ms" if "ms" in variant else "")
+            ) + "".join(f"; {v['flipped']} {v['ms']:.4f} ms" for v in row.get("variants", []) if "ms" in v)
                 + f"  [{time.time() - t0:.0f}s]", flush=True)
             del sets, a0, ref
             torch.cuda.empty_cache()
@@ -323,6 +331,10 @@ def main(argv=None):
                     print(f"  B={B} S={S} {mode:9s} {best['ms']:.4f} ms config {best['config']}")
         bad = [e for e in sweep if "error" in e or wrong(e)]
         print(f"  {len(bad)} sweep entries too large for this GPU or past {REL_TOL}")
+        print("\n| mode | config (BLOCK_N, warps, stages, waves) | ms at 8 x 32768 | rel err |\n|---|---|---|---|")
+        for e in sweep:
+            print(f"| {e['mode']} | {tuple(e['config'])} | " + (f"{e['ms']:.4f} | {e['rel_err']:.1e} |" if "ms" in e
+                                                                else f"error: {e.get('error', '')[:60]} | |"))
     print(f"\n| B | S | format | kernel ms | TB/s | floor ms | SDPA bf16 ms ({rows[0]['sdpa_backend']}) | rel err |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -331,11 +343,22 @@ def main(argv=None):
                   f"| {r['sdpa_ms']:.4f} | {r['rel_err']:.1e} |")
         else:
             print(f"| {r['B']} | {r['S']} | {r['mode']} | error: {r['error'][:80]} |")
+    variants = [(r, v) for r in rows for v in r.get("variants", [])]
+    if variants:
+        print("\n| B | S | format | shipped ms | flipped | ms | x shipped | rel err |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r, v in variants:
+            if "ms" in v and "ms" in r:
+                print(f"| {r['B']} | {r['S']} | {r['mode']} | {r['ms']:.4f} | {v['flipped']} | {v['ms']:.4f} "
+                      f"| {v['ms'] / r['ms']:.2f} | {v['rel_err']:.1e} |")
+            else:
+                error = v.get("error", r.get("error", ""))
+                print(f"| {r['B']} | {r['S']} | {r['mode']} | | {v['flipped']} | error: {error[:60]} | | |")
     if args.sass:
         write_sass(args.out)
     save()
     print(f"wrote {out_path}")
-    if n_wrong := sum(map(wrong, rows + sweep + [r["variant"] for r in rows if "variant" in r])):
+    if n_wrong := sum(map(wrong, rows + sweep + [v for _, v in variants])):
         sys.exit(f"error: {n_wrong} kernel results differ from decode_attention_reference by more than {REL_TOL} "
                  f"(rel_err in {out_path}): a kernel bug; run tests/test_decode_attention.py on this GPU")
 

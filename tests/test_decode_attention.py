@@ -5,10 +5,10 @@ Tolerances (relative norm ||out - ref|| / ||ref||):
   at most a few thousand terms stays near 1e-6.
 - reference vs float64 on bf16 inputs: 1e-2. The reference rounds its output to bf16 (2**-9
   relative per element).
-- kernel vs reference (GPU, bf16): 1e-2. The kernel feeds P (and for KIVI the dequantized keys
-  and values, each rounded once to bf16) to the tensor cores in bf16, or for int8/fp8 q and P in
-  fp16 (2**-11), and rounds the output to bf16; each is a 2**-9 relative rounding at worst, and
-  they average out over the sum.
+- kernel vs reference (GPU, bf16): 1e-2. The kernel feeds P to the tensor cores in bf16, or for
+  int8/fp8 and KIVI q and P in fp16 (2**-11; KIVI's dequantized keys and values rounded once to
+  fp16, or to bf16 with decode_kernels.KIVI_F16 off), and rounds the output to bf16; each is a
+  2**-9 relative rounding at worst, and they average out over the sum.
 """
 import math
 
@@ -42,6 +42,12 @@ def make_body(B, Hkv, L, D, bits, groups, dtype, device="cpu", gen=None):
         vc, vs = kv_quant.quantize_symmetric_per_token(v, dtype)
         return QuantizedBody(8, 0, 0, kc, ks, None, vc, vs, None)
     kg, vg = groups if isinstance(groups, tuple) else (groups, groups)  # (key group, value group), or one for both
+    return quantize_kivi(k, v, bits, kg, vg, dtype)
+
+
+def quantize_kivi(k, v, bits, kg, vg, dtype):
+    """k, v [B, Hkv, L, D] -> a KIVI QuantizedBody (key groups of kg tokens, value groups of vg channels)."""
+    B, Hkv, L, D = k.shape
     kc, ks, kz = kv_quant.quantize_asymmetric_per_channel(k.reshape(B, Hkv, L // kg, kg, D), bits, dtype)
     kc = kv_quant.pack_codes(kc.reshape(B, Hkv, L, D), bits)
     vc, vs, vz = kv_quant.quantize_asymmetric_per_token_group(v, bits, vg, dtype)
@@ -244,6 +250,77 @@ def test_kernels_interpreted_with_nothing_valid(triton_interpreter, bits):
     assert torch.equal(ref, torch.zeros_like(ref)) and torch.equal(out, ref)
 
 
+KIVI_TILES = [
+    # bits, (key group, value group), (BLOCK_N, num_warps): the shipped groups with the tiles the
+    # benchmark sweeps (one-warp 32 and 64, four-warp 128), and groups wider than a plane
+    (4, (128, 32), (32, 1)),
+    (4, (128, 32), (64, 1)),
+    (4, (128, 32), (128, 4)),
+    (2, (32, 32), (32, 1)),
+    (2, (64, 64), (64, 2)),
+]
+
+
+def skewed_kivi_body(gen, B, Hkv, L, D, bits, kg, vg, dtype):
+    """A KIVI body whose key scales and zeros differ widely from key group to key group and whose
+    value scales and zeros differ from token to token: parameters read for the wrong tile, group
+    or token move the output far past the tolerance."""
+    n_groups = L // kg
+    k_mul = (torch.rand(n_groups, generator=gen) * 3 + 0.2).repeat_interleave(kg)[:, None]  # [L, 1]
+    k_add = (torch.randn(B, Hkv, n_groups, D, generator=gen) * 3).repeat_interleave(kg, dim=2)  # [B, Hkv, L, D]
+    k = torch.randn(B, Hkv, L, D, generator=gen) * k_mul + k_add
+    v_mul = torch.rand(L, 1, generator=gen) * 3 + 0.1
+    v_add = (torch.randn(B, Hkv, L, D // vg, generator=gen) * 2).repeat_interleave(vg, dim=-1)
+    v = torch.randn(B, Hkv, L, D, generator=gen) * v_mul + v_add
+    return quantize_kivi(k, v, bits, kg, vg, dtype)
+
+
+def _check_kivi_tiles(monkeypatch, kivi, f16, prefetch, device):
+    """The KIVI kernel with a tile (BLOCK_N, warps), its scales and zeros loaded a tile ahead or
+    where used, dequantized into fp16 or bf16 (decode_kernels.KIVI_PREFETCH, KIVI_F16), against
+    the reference on a skewed body (NaN value parameters past the length)."""
+    import decode_kernels
+    from decode_kernels import flash_decode
+
+    bits, (kg, vg), (block_n, warps) = kivi
+    # Four splits of 192 tokens (256 for 128-token tiles): each crosses a key group boundary, the
+    # second starts inside a 128-token group, the last ends inside a tile.
+    D, L, body_len = 128, 768, 700
+    monkeypatch.setitem(decode_kernels.CONFIGS, (f"int{bits}", D), (block_n, warps, 3, 16))
+    monkeypatch.setattr(decode_kernels, "KIVI_F16", f16)
+    monkeypatch.setattr(decode_kernels, "KIVI_PREFETCH", prefetch)
+    monkeypatch.setattr(decode_kernels, "MIN_SPLIT", 192)
+    monkeypatch.setattr(decode_kernels, "_sm_count", lambda device: 132)  # the same splits on every GPU
+    gen = torch.Generator().manual_seed(KIVI_TILES.index(kivi))
+    q = torch.randn(1, 8, D, generator=gen).to(device, torch.bfloat16)
+    k, v = (torch.randn(1, 2, 16, D, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    body = skewed_kivi_body(gen, 1, 2, L, D, bits, kg, vg, torch.bfloat16)
+    body.v_scale[:, :, body_len:] = float("nan")  # past the length: never to be read unmasked
+    body.v_zero[:, :, body_len:] = float("nan")
+    body = body.with_tensors(t.to(device) for t in body.tensors())
+    el = torch.tensor([9], dtype=torch.int32, device=device)
+    bl = torch.tensor([body_len], device=device)
+    ref = decode_attention_reference(q, k, v, el, None, body, bl)
+    out = torch.full_like(q, float("nan"))
+    flash_decode(q, k, v, el, None, body, bl, D ** -0.5, out=out)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-2
+
+
+def kivi_tile_id(case):
+    bits, (kg, vg), (block_n, warps) = case
+    return f"int{bits}-g{kg}x{vg}-n{block_n}w{warps}"
+
+
+@interp
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "load_at_use"])
+@pytest.mark.parametrize("f16", [True, False], ids=["f16", "bf16"])
+@pytest.mark.parametrize("kivi", KIVI_TILES, ids=kivi_tile_id)
+def test_kivi_tiles_interpreted(triton_interpreter, monkeypatch, kivi, f16, prefetch):
+    """Each swept KIVI tile and switch under the interpreter (the portable arithmetic)."""
+    _check_kivi_tiles(monkeypatch, kivi, f16, prefetch, "cpu")
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the Triton kernel against the reference
 # ---------------------------------------------------------------------------------------------
@@ -302,12 +379,13 @@ def test_kernel_with_body(B, length, shape, body):
 
 
 @gpu
-@pytest.mark.parametrize("switch", ["KIVI_ASM", "CONVERT_ASM"])
+@pytest.mark.parametrize("switch", ["KIVI_ASM", "KIVI_F16", "KIVI_PREFETCH", "CONVERT_ASM"])
 @pytest.mark.parametrize("body", [(4, 32), (2, 32), (4, 128), (2, 128), (4, 64), (4, 16), (4, (128, 32)), (8, 1),
                                   ("fp8", 1)])
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_kernel_portable_paths(shape, body, switch, monkeypatch):
-    """The PTX conversions switched off: the plain-cast paths (the interpreter's, an A100's fp8)."""
+    """Each switch off: the plain-cast paths (the interpreter's, an A100's fp8), KIVI's bf16
+    dequantization, KIVI's scales loaded where used."""
     import decode_kernels
 
     monkeypatch.setattr(decode_kernels, switch, False)
@@ -315,6 +393,15 @@ def test_kernel_portable_paths(shape, body, switch, monkeypatch):
         Hkv, n_rep, D = shape
         bits, g = body
         _gpu_compare((3, 8, Hkv, n_rep, D, 96, 45, True, bits, fit_groups(g, D), 4224, 4097))
+
+
+@gpu
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "load_at_use"])
+@pytest.mark.parametrize("f16", [True, False], ids=["f16", "bf16"])
+@pytest.mark.parametrize("kivi", KIVI_TILES, ids=kivi_tile_id)
+def test_kivi_tiles(monkeypatch, kivi, f16, prefetch):
+    """Each swept KIVI tile and switch on the GPU (the PTX)."""
+    _check_kivi_tiles(monkeypatch, kivi, f16, prefetch, "cuda")
 
 
 @gpu

@@ -68,8 +68,10 @@ def resolve_checkpoint(path: Optional[Path]) -> Path:
     return path
 
 
-def load_model(checkpoint: Path, device: str, dtype: torch.dtype, model_name: Optional[str] = None) -> Transformer:
-    """Build on the meta device, then assign the (memory-mapped) weights: no double copy."""
+def load_model(checkpoint: Path, device: str, dtype: torch.dtype, model_name: Optional[str] = None,
+               all_reduce: str = "nccl", max_batch_size: int = 1) -> Transformer:
+    """Build on the meta device, then assign the (memory-mapped) weights: no double copy. Under
+    tensor parallelism all_reduce and max_batch_size go to tp.shard."""
     try:
         config = ModelArgs.from_name(model_name or checkpoint.parent.name)
     except ValueError as e:
@@ -90,7 +92,7 @@ def load_model(checkpoint: Path, device: str, dtype: torch.dtype, model_name: Op
     model.load_state_dict(state, assign=True)
     if tp.world_size() > 1:  # each rank copies only its slices out of the memory-mapped file
         try:
-            tp.shard(model, device)
+            tp.shard(model, device, all_reduce=all_reduce, max_batch_size=max_batch_size)
         except ValueError as e:
             raise UserError(str(e))
     return model.to(device=device, dtype=dtype).eval()
@@ -144,38 +146,51 @@ def load_tokenizer(checkpoint: Path):
 
 
 # -- sampling (no host sync) ----------------------------------------------------------------
-def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int]) -> torch.Tensor:
-    logits = logits / max(temperature, 1e-5)
+def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], shard: Optional[tp.VocabShard] = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B, 1]. Under tensor parallelism `logits` is this rank's slice
+    [B, V/W] and `shard` (tp.vocab_shard) gathers from the other ranks what the choice needs.
+    Greedy at temperature 0; otherwise the exponential race: argmax(p / E) with E ~ Exp(1) drawn
+    for every token is a sample of p (no multinomial and its host sync), and it equals
+    argmax(logits / T - log E): log is increasing, and softmax's normalizer is the same for every
+    token, so no softmax either."""
+    if temperature > 0:
+        logits = race_scores(logits, temperature, top_k, shard)
+    return logits.argmax(dim=-1, keepdim=True) if shard is None else shard.argmax(logits)
+
+
+def race_scores(logits: torch.Tensor, temperature: float, top_k: Optional[int], shard: Optional[tp.VocabShard]) -> torch.Tensor:
+    """logits / T - log E, -inf below the top_k-th largest logit."""
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+        if shard is None:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]  # [B, 1]
+        else:
+            kth = shard.kth_largest(logits, top_k)
         logits = torch.where(logits < kth, -float("inf"), logits)
-    return torch.softmax(logits, dim=-1)
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int]) -> torch.Tensor:
-    """logits [B, V] -> token ids [B, 1]. Greedy at temperature 0; otherwise the exponential-race
-    trick (argmax of p / Exp(1) noise is a sample of p) instead of multinomial's host sync."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    probs = logits_to_probs(logits, temperature, top_k)
-    noise = torch.empty_like(probs).exponential_(1)
-    return torch.argmax(probs / noise, dim=-1, keepdim=True)
+    # Every rank draws the whole vocabulary's noise and keeps its slice: the same seed gives every
+    # rank the same draws, so the slices hold independent noise, as one process would draw it.
+    # (Each rank drawing only its slice's would give every rank the same numbers.)
+    width = logits.size(-1) if shard is None else shard.world * shard.share
+    noise = torch.empty(logits.size(0), width, dtype=logits.dtype, device=logits.device).exponential_(1)
+    if shard is not None:
+        noise = noise[:, shard.start : shard.start + shard.share]
+    return logits / max(temperature, 1e-5) - torch.log(noise)
 
 
 # -- the two phases -------------------------------------------------------------------------
 def prefill(model: Transformer, tokens: torch.Tensor, chunk: int, start: int = 0) -> torch.Tensor:
-    """tokens [B, T] -> logits of the last position [B, V]; the cache is filled chunk by chunk."""
+    """tokens [B, T] -> logits of the last position [B, V] (this rank's slice [B, V/W] of them
+    under tensor parallelism, for sample); the cache is filled chunk by chunk."""
     logits = None
     for s in range(0, tokens.shape[1], chunk):
         piece = tokens[:, s : s + chunk]
         input_pos = torch.arange(start + s, start + s + piece.shape[1], device=tokens.device)
-        logits = model(piece, input_pos, last_only=True)
+        logits = model(piece, input_pos, last_only=True, gather=False)
     return logits[:, -1]
 
 
 def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, temperature: float, top_k: Optional[int]):
-    logits = model(x, input_pos)[:, -1]
-    return sample(logits, temperature, top_k)
+    logits = model(x, input_pos, gather=False)[:, -1]  # [B, V/W] under tensor parallelism
+    return sample(logits, temperature, top_k, tp.vocab_shard(model))
 
 
 def generate(
@@ -194,7 +209,7 @@ def generate(
     device = prompt.device
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     t0 = time.perf_counter()
-    first = sample(prefill_fn(model, prompt, prefill_chunk), temperature, top_k)
+    first = sample(prefill_fn(model, prompt, prefill_chunk), temperature, top_k, tp.vocab_shard(model))
     sync()
     ttft = time.perf_counter() - t0
     out = [first]
@@ -217,19 +232,17 @@ def generate(
     return {"tokens": torch.cat([prompt, *out], dim=1), "ttft_s": ttft, "decode_s": decode_s, "decode_tokens": len(out) - 1}
 
 
-def compiled_step(device: str, compile_decode: bool, batch_size: int) -> Callable:
+def compiled_step(device: str, compile_decode: bool) -> Callable:
     if not compile_decode:
         return decode_one_token
     if not device.startswith("cuda"):
         return torch.compile(decode_one_token, fullgraph=True)
     # CUDA graphs (what mode="reduce-overhead" sets) need a static step: the caches guarantee it.
-    # At batch 1, coordinate-descent tuning makes inductor write the matrix-vector products as
-    # tuned Triton reductions fused with the RMSNorm before them (w1/w3 as one, w2 with the SiLU
-    # product): 10% faster than cuBLAS's GEMVs per step on an H100. Past batch 1 it cannot rewrite
-    # the GEMMs; it only doubled the compile time and re-tuned small kernels slower
-    # (docs/results.md).
-    options = {"triton.cudagraphs": True, "coordinate_descent_tuning": batch_size == 1}
-    return torch.compile(decode_one_token, fullgraph=True, options=options)
+    # The weight products are the Triton kernel with committed configs (linear_kernels.py), so no
+    # tuning runs while compiling: inductor's coordinate-descent tuning, which wrote them as tuned
+    # reductions before, timed candidates on a noisy GPU and kept whichever won, and the same
+    # step took 1.0 to 1.8 ms more or less from one compile to the next (docs/linear.md).
+    return torch.compile(decode_one_token, fullgraph=True, options={"triton.cudagraphs": True})
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -263,6 +276,9 @@ def add_global_options(p: argparse.ArgumentParser, suppress: bool = False) -> No
     p.add_argument("--overwrite", action="store_true", default=d(False), help="let --profile replace existing outputs")
     p.add_argument("--dist_timeout", type=float, default=d(600),
                    help="under torchrun: seconds a collective may wait for the other ranks before failing")
+    p.add_argument("--all_reduce", choices=tp.ALL_REDUCES, default=d("nccl"),
+                   help="under torchrun: the per-layer all-reduces through NCCL, or one-shot through symmetric memory "
+                        "(CUDA GPUs; the decode step's messages, prefill's larger ones still through NCCL)")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -382,11 +398,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = pick_device(args.device)
     try:
         device = tp.init(device, args.dist_timeout)  # under torchrun/srun: join the group, cuda:LOCAL_RANK
+        tp.check_all_reduce(args.all_reduce, device)
     except ValueError as e:
         raise UserError(str(e))
     dtype = pick_dtype(args.precision, device)
     checkpoint = resolve_checkpoint(args.checkpoint_path)
-    model = load_model(checkpoint, device, dtype, args.model_name)
+    model = load_model(checkpoint, device, dtype, args.model_name, args.all_reduce, args.batch_size)
     tokenizer = load_tokenizer(checkpoint)
 
     ids = encode_prompt(text, args.chat, tokenizer)
@@ -395,7 +412,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     prompt = torch.tensor([ids] * args.batch_size, device=device)
     max_seq_length = len(ids) + args.max_new_tokens
     setup(model, settings, args.batch_size, max_seq_length)
-    step = compiled_step(device, args.compile, args.batch_size)
+    step = compiled_step(device, args.compile)
     prefill_fn = torch.compile(prefill, dynamic=True) if args.compile_prefill else prefill
     if args.compile or args.compile_prefill or args.profile:
         # Compilation, CUDA-graph recording and first-call costs (cuBLAS, Triton JIT) happen here,

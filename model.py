@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import linear_op
 from profiling import profiler_range
 from rope import apply_rotary_emb, precompute_freqs_cis
 
@@ -82,7 +83,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
-        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = None if config.tie_embeddings else Linear(config.dim, config.vocab_size, bias=False)
         self.freqs_cis: Optional[torch.Tensor] = None
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, cache_factory: CacheFactory) -> None:
@@ -109,8 +110,11 @@ class Transformer(nn.Module):
     def caches(self) -> list[nn.Module]:
         return [layer.attention.kv_cache for layer in self.layers]
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """idx [B, T] token ids at positions input_pos [T]; logits [B, T or 1, vocab] in fp32."""
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False, gather: bool = True) -> torch.Tensor:
+        """idx [B, T] token ids at positions input_pos [T]; logits [B, T or 1, vocab] in fp32.
+        Under tensor parallelism (tp.shard) each rank computes the logits of its slice of the
+        vocabulary: gather=False returns that slice [B, T or 1, V/W] (tp.VocabShard says which),
+        without the gather of every rank's."""
         assert self.freqs_cis is not None, "call setup_caches() first"
         freqs_cis = self.freqs_cis[input_pos]
         x = self.tok_embeddings(idx)
@@ -119,8 +123,16 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        logits = F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
-        return logits.float()
+        shard = getattr(self, "vocab_shard", None)  # this rank's slice of the vocabulary (tp.shard)
+        if self.output is not None:  # tp.shard cut it to the slice's rows
+            logits = self.output(x)
+        else:  # tied embeddings: the table stays whole for the lookup; the product reads the slice's rows
+            table = self.tok_embeddings.weight
+            logits = F.linear(x, table if shard is None else shard.rows(table))
+        if shard is None:
+            return logits.float()
+        logits = shard.pad(logits.float())  # [B, T, V/W]
+        return shard.gather(logits) if gather else logits
 
 
 class TransformerBlock(nn.Module):
@@ -144,8 +156,8 @@ class Attention(nn.Module):
         self.n_local_heads = config.n_local_heads
         self.head_dim = config.head_dim
         total_head_dim = (config.n_head + 2 * config.n_local_heads) * config.head_dim
-        self.wqkv = nn.Linear(config.dim, total_head_dim, bias=config.qkv_bias)
-        self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.wqkv = Linear(config.dim, total_head_dim, bias=config.qkv_bias)
+        self.wo = Linear(config.n_head * config.head_dim, config.dim, bias=False)
         self.kv_cache: Optional[nn.Module] = None
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -169,12 +181,20 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: ModelArgs) -> None:
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)
-        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)
-        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
+        self.w1 = Linear(config.dim, config.intermediate_size, bias=False)
+        self.w3 = Linear(config.dim, config.intermediate_size, bias=False)
+        self.w2 = Linear(config.intermediate_size, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Linear(nn.Linear):
+    """nn.Linear through linear_op: on the GPU a decode step's products run the Triton kernel with
+    committed configs (linear_kernels.py), the same in every compile."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_op.linear(x, self.weight, None, self.bias)
 
 
 class RMSNorm(nn.Module):

@@ -6,12 +6,14 @@ the model's dtype.
     python -m scripts.quantize --checkpoint_path checkpoints/<name>/model.pth --mode int8   # -> model_int8.pth
 
 Int8Linear multiplies by the codes and applies the scale to the output, one multiply per output
-element: y = (x @ codes^T) * scale. Under torch.compile inductor fuses the int8 -> model-dtype
-conversion into the product's kernel.
+element: y = (x @ codes^T) * scale (linear_op.linear). On the GPU the Triton kernel
+(linear_kernels.py) reads the codes and converts them in registers: no dequantized copy of the
+weights exists in memory.
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+import linear_op
 
 WEIGHT_FORMATS = ("int8",)
 FORMAT_KEY = "weight_format"
@@ -43,8 +45,7 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales
-        return y if self.bias is None else y + self.bias
+        return linear_op.linear(x, self.weight, self.scales, self.bias)
 
 
 def quantized_linears(model: nn.Module) -> list[str]:

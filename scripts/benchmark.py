@@ -210,7 +210,7 @@ def bench_config(model, batch, name, settings, contexts, args, device, bandwidth
     model.setup_caches(batch, max_seq, cache_factory(settings))
     fill_caches(model)
     kv_bytes = sum(c.nbytes() for c in model.caches())
-    step = compiled_step(device, args.compile, batch)
+    step = compiled_step(device, args.compile)
     x = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
     input_pos = torch.tensor([contexts[0]], device=device)
     t = time.perf_counter()
@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="decode steps per timing (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timings per context; the median is reported (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--all_reduce", choices=tp.ALL_REDUCES, default="nccl",
+                   help="under torchrun: the per-layer all-reduces through NCCL or symmetric memory (default: %(default)s)")
     p.add_argument("--no_compile", dest="compile", action="store_false",
                    help="eager decode step, for CPU smoke runs (default: compiled, with CUDA graphs on the GPU)")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark.json"),
@@ -371,12 +373,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.weights == "int8":
         use_int8_linears(model, quantize=True)
     try:
-        tp.shard(model)
+        tp.shard(model, all_reduce=args.all_reduce, max_batch_size=max(args.batch_sizes))
     except ValueError as e:
         sys.exit(f"error: {e}" if tp.is_main() else 1)
     result = {
         "command": " ".join(sys.argv), "commit": git_commit(), "model": args.model, "weights": args.weights, "layers": model.config.n_layer, "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "tp": tp.world_size(),
+        "tp": tp.world_size(), "all_reduce": args.all_reduce,
         "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth, "rows": [], "errors": [],
     }
     for batch in args.batch_sizes:

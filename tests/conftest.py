@@ -33,9 +33,10 @@ def default_checkpoint():
 def triton_interpreter(monkeypatch):
     """The Triton interpreter, patched to compute what the GPU computes where its numpy emulation
     differs: bf16 dot operands are bf16 values (it multiplies their bit patterns), fp32 -> bf16 and
-    fp32 -> fp8 e4m3 round to nearest even (it truncates), fp32 dot operands lose their 13 low
-    mantissa bits as tf32 (truncation: the worse case), fp16 operands multiply exactly into fp32
-    sums, and int() of a loaded scalar works under numpy >= 2.4."""
+    fp32 -> fp8 e4m3 round to nearest even (it truncates), int8 -> bf16 gives the value (not its
+    bits), fp32 dot operands lose their 13 low mantissa bits as tf32 (truncation: the worse case),
+    fp16 operands multiply exactly into fp32 sums, and int() of a loaded scalar works under
+    numpy >= 2.4."""
     import numpy as np
     import triton.language as tl
     import triton.runtime.interpreter as ti
@@ -61,7 +62,10 @@ def triton_interpreter(monkeypatch):
         return ti.TensorHandle(np.matmul(value(a), value(b), dtype=d.data.dtype) + d.data, d.dtype.scalar)
 
     def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar in torch_dtypes:
+        # From fp32, or from integers (exact in fp32 at the sizes cast here: int8 weight codes).
+        src_type = src.dtype.scalar
+        exact_in_fp32 = src_type == tl.float32 or (src_type.is_int() and src_type.primitive_bitwidth <= 16)
+        if exact_in_fp32 and dst_type.scalar in torch_dtypes:
             torch_dtype, bits = torch_dtypes[dst_type.scalar]
             t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch_dtype)
             return ti.TensorHandle(t.view(torch.uint16 if bits == np.uint16 else torch.uint8).numpy().view(bits),

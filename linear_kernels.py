@@ -1,0 +1,139 @@
+"""The linear layers' Triton kernel: y = x @ W^T (* one scale per output channel) (+ bias), with W
+in the model's dtype or int8 codes converted in registers (no dequantized copy of the weights ever
+exists in memory). Called through linear_op.linear, which holds the PyTorch reference.
+
+A decode step multiplies a few rows (the batch) by every weight matrix once: it is a stream of
+the weights, and its floor is their bytes over the copy bandwidth. The kernel is one program per
+BLOCK_N output channels (and per K split) streaming its [BLOCK_N, K] slab of W in
+[BLOCK_N, BLOCK_K] tiles: with BLOCK_M = 1 (batch 1) the products run on the CUDA cores, with
+BLOCK_M = 16 on the tensor cores, the rows padded to the 16 a dot needs. The configs come from a
+committed sweep (scripts/bench_linear.py; docs/linear.md has its table), looked up by the
+matrix's shape and row count, so every compile runs the same kernels: nothing is tuned while a
+model compiles.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# (weight kind, N, K, rows) -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split_k) for
+# decode-sized inputs: rows 1 (batch 1) or DECODE_ROWS (2 to 16 rows). Chosen on an H200 by
+# scripts/bench_linear.py (docs/linear.md).
+CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int, int, int, int]] = {
+    # Llama-3-8B / 3.1-8B, one GPU
+    ("bf16", 6144, 4096, 1): (1, 8, 512, 4, 3, 1),  # wqkv
+    ("bf16", 6144, 4096, 16): (16, 16, 256, 4, 3, 1),
+    ("bf16", 4096, 4096, 1): (1, 8, 512, 4, 1, 1),  # wo
+    ("bf16", 4096, 4096, 16): (16, 32, 128, 4, 3, 4),
+    ("bf16", 14336, 4096, 1): (1, 16, 256, 4, 3, 1),  # w1, w3
+    ("bf16", 14336, 4096, 16): (16, 32, 128, 4, 3, 1),
+    ("bf16", 4096, 14336, 1): (1, 8, 512, 4, 3, 1),  # w2
+    ("bf16", 4096, 14336, 16): (16, 32, 128, 4, 3, 4),
+    ("bf16", 128256, 4096, 1): (16, 64, 128, 4, 4, 1),  # output
+    ("bf16", 128256, 4096, 16): (16, 64, 128, 4, 4, 1),
+    ("int8", 6144, 4096, 1): (1, 8, 512, 4, 3, 1),
+    ("int8", 6144, 4096, 16): (16, 64, 128, 4, 4, 4),
+    ("int8", 4096, 4096, 1): (1, 8, 1024, 4, 3, 1),
+    ("int8", 4096, 4096, 16): (16, 32, 128, 4, 4, 4),
+    ("int8", 14336, 4096, 1): (16, 32, 256, 4, 3, 1),
+    ("int8", 14336, 4096, 16): (16, 32, 256, 4, 3, 1),
+    ("int8", 4096, 14336, 1): (16, 32, 256, 4, 3, 4),
+    ("int8", 4096, 14336, 16): (16, 32, 256, 4, 3, 4),
+    ("int8", 128256, 4096, 1): (16, 128, 256, 4, 3, 1),
+    ("int8", 128256, 4096, 16): (16, 128, 256, 4, 3, 1),
+}
+DECODE_ROWS = 16  # the most rows of a decode-sized call: one tensor-core dot's M
+DEFAULT_CONFIG = (DECODE_ROWS, 32, 256, 4, 4, 1)  # a shape the sweep did not see
+PREFILL_CONFIG = (64, 64, 64, 4, 3, 1)  # larger inputs (prefill of int8 weights)
+
+
+
+@triton.jit
+def _load_tiles(x_ptrs, w_ptrs, ks, k0, K, row_ok, col_ok, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """The activations' [BLOCK_M, BLOCK_K] and the weights' [BLOCK_N, BLOCK_K] tiles at k0, masked
+    only where the blocks do not divide the shape."""
+    if EVEN_K:
+        x = tl.load(x_ptrs, mask=row_ok, other=0.0)
+        w = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=col_ok, other=0)
+    else:
+        k_ok = ks[None, :] + k0 < K
+        x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
+        w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0)
+    return x, w
+
+
+@triton.jit
+def linear_kernel(
+    X, W, SCALE, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ys, stride_ym, k_per_split,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] block of y over the K range [pid_k * k_per_split, + k_per_split):
+    written to Y[pid_k] (fp32 partial sums when K is split, the output itself when not)."""
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = pid_k * k_per_split + tl.arange(0, BLOCK_K)
+    x_ptrs = X + rows[:, None] * stride_xm + ks[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = W + cols[:, None] * stride_wn + ks[None, :]  # [BLOCK_N, BLOCK_K]
+    row_ok = rows[:, None] < M
+    col_ok = cols[:, None] < N
+    if BLOCK_M == 1:
+        # One row: products on the CUDA cores into a [BLOCK_N, BLOCK_K] tile of partial sums,
+        # reduced once after the loop; the weights go from memory straight to registers.
+        acc_nk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, k_per_split, BLOCK_K):
+            x, w = _load_tiles(x_ptrs, w_ptrs, ks, k0, K, row_ok, col_ok, EVEN_N, EVEN_K)
+            acc_nk += w.to(tl.float32) * x.to(tl.float32)  # [BLOCK_N, BLOCK_K] * [1, BLOCK_K]
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        acc = tl.sum(acc_nk, axis=1)[None, :]  # [1, BLOCK_N]
+    else:
+        # Up to BLOCK_M rows on the tensor cores, padded to the 16 a dot needs (free next to the
+        # tile's bytes); the tiles reach the dot through the software pipeline's shared memory.
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, k_per_split, BLOCK_K):
+            x, w = _load_tiles(x_ptrs, w_ptrs, ks, k0, K, row_ok, col_ok, EVEN_N, EVEN_K)
+            # int8 codes convert exactly to the activations' dtype; the scale waits for the output.
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+    if HAS_SCALE:
+        acc *= tl.load(SCALE + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS and pid_k == 0:  # once, in the first split's partial sums
+        acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = Y + pid_k * stride_ys + rows[:, None] * stride_ym + cols[None, :]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=row_ok & (cols[None, :] < N))
+
+
+def weight_kind(weight: torch.Tensor) -> str:
+    return "int8" if weight.dtype == torch.int8 else "bf16"
+
+
+def config(weight: torch.Tensor, m: int) -> tuple[int, int, int, int, int, int]:
+    """The launch config for m rows times this weight."""
+    if m > DECODE_ROWS:
+        return PREFILL_CONFIG
+    n, k = weight.shape
+    return CONFIGS.get((weight_kind(weight), n, k, 1 if m == 1 else DECODE_ROWS), DEFAULT_CONFIG)
+
+
+def triton_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] (rows contiguous) times weight [N, K]^T with the shape's committed config. Split K
+    sums its fp32 partials in a fixed order."""
+    m, k = x.shape
+    n = weight.shape[0]
+    block_m, block_n, block_k, warps, stages, split = config(weight, m)
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per_split)
+    y = torch.empty(split, m, n, device=x.device, dtype=x.dtype if split == 1 else torch.float32)  # [S, M, N]
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+    linear_kernel[grid](
+        x, weight, scales if scales is not None else x, bias if bias is not None else x, y, m, n, k,
+        x.stride(0), weight.stride(0), y.stride(0), y.stride(1), k_per_split,
+        HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, EVEN_N=n % block_n == 0,
+        EVEN_K=k % k_per_split == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages,
+    )
+    return y[0] if split == 1 else y.sum(0).to(x.dtype)

@@ -1,0 +1,209 @@
+"""The sweep that chose linear_kernels.CONFIGS: every weight matrix of a preset's decode step (GPU).
+
+For each matrix shape (wqkv, wo, w1/w3, w2, output) and weight kind (the model's bf16 and int8
+codes with per-channel scales) it times the Triton kernel in every config of a fixed grid at
+batch 1 (the CUDA-core and tensor-core paths) and at batch 8 (the tensor-core path, the config
+for 2 to 16 rows), and keeps the fastest of each; beside it cuBLAS (F.linear over
+bf16 weights; for int8 the codes converted to bf16 first, the reference's path) and, with
+--inductor, what torch.compile with coordinate-descent tuning makes of the same product at
+batch 1 (the path the decode step took before). Every timed config is checked against
+linear_op.linear_reference. Time is the median of triton.testing.do_bench_cudagraph over weight
+copies rotated past the L2; bandwidth is bytes read (weights, scales, activations) over time.
+
+    python3 -m scripts.bench_linear [--model llama-3.1-8b] [--tp 1] [--inductor] [--out DIR]
+
+Writes bench_linear.json to --out and prints the table and the CONFIGS entries to commit.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import linear_kernels as lk
+from linear_op import linear_reference
+from model import ModelArgs
+from scripts.benchmark import copy_bandwidth
+
+ROTATE_BYTES = 256 << 20  # weight copies until this many bytes: timings past the 50 MB L2
+REL_TOL = 1e-2  # bf16 output against the fp32-accumulated reference: a few bf16 ulps
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split_k): the tensor-core path (BLOCK_M 16)
+# for every row count, the CUDA-core path (BLOCK_M 1) for batch 1.
+DOT_GRID = [(16, bn, bk, w, st, sp) for bn in (16, 32, 64, 128) for bk in (128, 256, 512)
+            for w in ((4,) if bn <= 32 else (4, 8)) for st in (3, 4) for sp in (1, 2, 4)]
+FMA_GRID = [(1, bn, bk, w, st, sp) for bn in (8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8)
+            for st in (1, 3) for sp in (1, 2)]
+
+
+def matrices(preset: str, tp: int) -> dict[str, tuple[int, int]]:
+    """name -> (N, K) of one rank's weight matrices (w1 and w3 share a shape)."""
+    c = ModelArgs.from_name(preset)
+    hd = c.head_dim
+    return {
+        "wqkv": ((c.n_head + 2 * c.n_local_heads) * hd // tp, c.dim),
+        "wo": (c.dim, c.n_head * hd // tp),
+        "w1/w3": (c.intermediate_size // tp, c.dim),
+        "w2": (c.dim, c.intermediate_size // tp),
+        "output": (c.vocab_size, c.dim),
+    }
+
+
+def candidates(n: int, k: int, esize: int, rows: int) -> list[tuple]:
+    """The grids' configs that fit a shape: 2 to 31 programs per SM of an H200's 132 (K split only
+    where whole rows give fewer), at least four tiles per split; on the tensor cores 16 to 128 KB
+    of tiles in flight, on the CUDA cores at most 64 fp32 partial sums per thread."""
+    keep = []
+    for cfg in DOT_GRID + (FMA_GRID if rows == 1 else []):
+        bm, bn, bk, w, st, sp = cfg
+        programs = n // bn * sp
+        if n % bn or (sp > 1 and n // bn >= 264) or not 264 <= programs <= 4096 or k // sp < 4 * bk:
+            continue
+        if bm > 1 and not 16 << 10 <= bn * bk * esize * st <= 128 << 10:
+            continue
+        if bm == 1 and bn * bk > 64 * 32 * w:
+            continue
+        keep.append(cfg)
+    return keep
+
+
+def bench(fn) -> float:
+    import triton
+
+    return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+
+
+def make_weights(n: int, k: int, kind: str) -> list[tuple]:
+    """Copies of (weight, scales) filling ROTATE_BYTES (at least one)."""
+    esize = 1 if kind == "int8" else 2
+    copies = max(1, ROTATE_BYTES // (n * k * esize))
+    out = []
+    for _ in range(copies):
+        if kind == "int8":
+            out.append((torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8),
+                        torch.rand(n, device="cuda", dtype=torch.bfloat16) * 0.002))
+        else:
+            out.append((torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, None))
+    return out
+
+
+def per_copy_ms(weights, x, call) -> float:
+    def run():
+        for w, s in weights:
+            call(x, w, s)
+    return bench(run) / len(weights)
+
+
+def rel_err(out, ref) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def kernel(x, w, s):
+    return lk.triton_linear(x, w, s, None)
+
+
+def sweep_rows(entry, weights, x, rows, esize):
+    """Every candidate config for `rows` (1, or DECODE_ROWS timed at x's rows), checked against
+    the reference and timed; entry gets them and the fastest."""
+    from triton.runtime.errors import OutOfResources
+
+    n, k = entry["N"], entry["K"]
+    w0, s0 = weights[0]
+    ref = x.double() @ w0.double().T * (1 if s0 is None else s0.double())
+    key = (entry["kind"], n, k, rows)
+    committed = lk.CONFIGS.get(key)
+    timed = []
+    for cfg in candidates(n, k, esize, rows):
+        lk.CONFIGS[key] = cfg
+        try:
+            err = rel_err(kernel(x, w0, s0), ref)
+            ms = per_copy_ms(weights, x, kernel)
+        except OutOfResources as e:
+            entry["configs"].append({"rows": rows, "config": cfg, "error": repr(e)[:200]})
+            continue
+        if not err <= REL_TOL:
+            sys.exit(f"wrong result: {entry['matrix']} {entry['kind']} config {cfg}: rel err {err:.3g}")
+        timed.append({"rows": rows, "config": cfg, "ms": ms, "rel_err": err})
+    best = min(timed, key=lambda c: c["ms"])
+    if committed is None:
+        lk.CONFIGS.pop(key)
+    else:
+        lk.CONFIGS[key] = committed
+    entry["configs"] += timed
+    entry[f"best_rows{rows}"] = best
+
+
+def sweep_shape(name, n, k, kind, args) -> dict:
+    esize = 1 if kind == "int8" else 2
+    weights = make_weights(n, k, kind)
+    x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    x8 = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
+    nbytes = n * k * esize + (n * 2 if kind == "int8" else 0)
+    entry = {"matrix": name, "N": n, "K": k, "kind": kind, "bytes": nbytes, "configs": []}
+    reference = lambda x, w, s: linear_reference(x, w, s, None)
+    entry["cublas_ms_b1"] = per_copy_ms(weights, x1, reference)
+    entry["cublas_ms_b8"] = per_copy_ms(weights, x8, reference)
+    if args.inductor:
+        import torch._inductor.config as icfg
+
+        torch._dynamo.reset()
+        with icfg.patch(coordinate_descent_tuning=True):
+            compiled = torch.compile(linear_reference, fullgraph=True)
+            compiled(x1, *weights[0], None)
+        entry["inductor_ms_b1"] = per_copy_ms(weights, x1, lambda x, w, s: compiled(x, w, s, None))
+    sweep_rows(entry, weights, x1, 1, esize)
+    sweep_rows(entry, weights, x8, lk.DECODE_ROWS, esize)
+    del weights
+    torch.cuda.empty_cache()
+    return entry
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3.1-8b", help="preset whose matrices are swept (default: %(default)s)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: sweep one rank's shards (default: %(default)s)")
+    p.add_argument("--kinds", nargs="+", choices=["bf16", "int8"], default=["bf16", "int8"],
+                   help="weight kinds (default: bf16 int8)")
+    p.add_argument("--inductor", action="store_true", help="also time torch.compile's product at batch 1")
+    p.add_argument("--out", default=os.environ.get("OUT", "outputs"),
+                   help="folder for bench_linear.json (default: $OUT when set, else outputs; now %(default)s)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("error: bench_linear times GPU kernels and no CUDA GPU is visible; run it on a GPU machine")
+    try:
+        shapes = matrices(args.model, args.tp)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    copy = copy_bandwidth("cuda") / 1e12
+    print(f"{torch.cuda.get_device_name()}  copy {copy:.2f} TB/s", flush=True)
+    result = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "copy_tb_s": copy, "entries": []}
+    t0 = time.time()
+    for kind in args.kinds:
+        for name, (n, k) in shapes.items():
+            e = sweep_shape(name, n, k, kind, args)
+            result["entries"].append(e)
+            b1, b8 = e["best_rows1"], e[f"best_rows{lk.DECODE_ROWS}"]
+            tb = e["bytes"] / b1["ms"] / 1e9
+            ind = f"  inductor {e['inductor_ms_b1'] * 1e3:6.1f}" if "inductor_ms_b1" in e else ""
+            print(f"{kind:4s} {name:6s} {n:6d}x{k:<5d} b1 {b1['ms'] * 1e3:6.1f} us {b1['config']!s:24s} "
+                  f"({tb:.2f} TB/s, {tb / copy:.0%} of copy)  b8 {b8['ms'] * 1e3:6.1f} us {b8['config']!s:24s} "
+                  f"cuBLAS b1 {e['cublas_ms_b1'] * 1e3:6.1f} b8 {e['cublas_ms_b8'] * 1e3:6.1f}{ind}  "
+                  f"[{len(e['configs'])} configs, {time.time() - t0:.0f} s]", flush=True)
+    print("CONFIGS = {")
+    for e in result["entries"]:
+        for rows in (1, lk.DECODE_ROWS):
+            print(f"    ({e['kind']!r}, {e['N']}, {e['K']}, {rows}): {tuple(e[f'best_rows{rows}']['config'])},  # {e['matrix']}")
+    print("}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_linear.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}; median of the chosen configs' fraction of copy bandwidth at batch 1: "
+          f"{statistics.median(e['bytes'] / e['best_rows1']['ms'] / 1e9 / copy for e in result['entries']):.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The linear layers' Triton kernel (linear_kernels.py) against a float64 reference, under the Triton
+interpreter on the CPU (on a GPU, scripts/bench_linear.py checks every config it times), and the
+custom op's dispatch (linear_op.py)."""
+import pytest
+import torch
+
+import linear_op
+from model import Linear
+
+# The kernel's dots take bf16 operands (exact: bf16 activations, int8 codes convert exactly) and
+# sum in fp32 (relative ~K * 2**-24); the output is rounded once to bf16 (2**-9 relative per
+# element at most). A wrong tile, mask, split or scale is off by O(1).
+BF16_TOL = 4e-3
+
+
+def reference(x, w, scales, bias):
+    y = x.double() @ w.double().T
+    if scales is not None:
+        y = y * scales.double()
+    return y if bias is None else y + bias.double()
+
+
+def rel_err(out, ref) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+# (M, N, K, config (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split) or None for the default)
+CASES = [
+    (1, 64, 256, (1, 16, 64, 4, 1, 1)),  # batch 1 on the CUDA cores
+    (1, 80, 320, (1, 32, 128, 4, 1, 2)),  # the same, N and K the blocks do not divide, K split
+    (1, 64, 256, (16, 32, 64, 4, 2, 1)),  # batch 1 on the tensor cores
+    (8, 96, 384, (16, 32, 64, 4, 2, 2)),  # batch 8, K split in two
+    (3, 80, 320, (16, 32, 128, 4, 2, 3)),  # masked tiles and splits on the tensor cores
+    (16, 64, 512, (16, 16, 128, 4, 2, 4)),  # the most rows a decode config takes
+    (40, 72, 200, None),  # prefill-sized: PREFILL_CONFIG, M in several blocks
+]
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("m,n,k,config", CASES)
+def test_kernel_matches_float64(triton_interpreter, monkeypatch, kind, bias, m, n, k, config):
+    import linear_kernels as lk
+
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    if kind == "int8":
+        w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scales = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
+    else:
+        w, scales = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16), None
+    b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
+    if config is not None:
+        monkeypatch.setitem(lk.CONFIGS, (kind, n, k, 1 if m == 1 else lk.DECODE_ROWS), config)
+    out = lk.triton_linear(x, w, scales, b)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    assert rel_err(out, reference(x, w, scales, b)) < BF16_TOL
+
+
+def test_committed_configs_fit_their_shapes():
+    """Every committed config serves its row count, divides its matrix's N (unmasked weight loads)
+    and keeps at least one tile per K split."""
+    import linear_kernels as lk
+
+    for (kind, n, k, rows), (block_m, block_n, block_k, warps, stages, split) in lk.CONFIGS.items():
+        assert kind in ("bf16", "int8") and rows in (1, lk.DECODE_ROWS) and block_m >= rows, (kind, n, k, rows)
+        assert n % block_n == 0 and k // split >= block_k, (kind, n, k, rows)
+        assert all(v & (v - 1) == 0 for v in (block_m, block_n, block_k, warps)), (kind, n, k, rows)
+
+
+def test_cpu_op_is_the_reference_and_traces():
+    """On the CPU the op is linear_reference, and torch.compile(fullgraph=True) keeps the call
+    (inference only, as every caller runs it: the op has no backward)."""
+    torch.manual_seed(0)
+    layer = Linear(32, 24, bias=True)
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        torch.testing.assert_close(layer(x), want)
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), want)
+
+
+def test_bad_shapes_are_one_line_errors():
+    with pytest.raises(ValueError, match="does not match weight"):
+        linear_op.linear(torch.randn(2, 8), torch.randn(4, 6))
+    with pytest.raises(ValueError, match="contiguous"):
+        linear_op.linear(torch.randn(2, 8), torch.randn(8, 4).T)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreted test covers the CPU)")
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("m", [1, 8, 40])
+def test_kernel_on_gpu_with_committed_configs(kind, m):
+    """Llama-3-8B's matrices (each with its committed config, or the default) at decode and
+    prefill sizes, through the op as the model calls it."""
+    import linear_kernels as lk
+
+    g = torch.Generator(device="cuda").manual_seed(m)
+    for n, k in [(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096), (96, 200)]:
+        x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+        if kind == "int8":
+            w = torch.randint(-127, 128, (n, k), device="cuda", generator=g, dtype=torch.int8)
+            scales = (torch.rand(n, device="cuda", generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
+        else:
+            w, scales = (torch.randn(n, k, device="cuda", generator=g) * 0.05).to(torch.bfloat16), None
+        out = linear_op.linear(x, w, scales)
+        assert rel_err(out, reference(x, w, scales, None)) < BF16_TOL, (kind, m, n, k, lk.config(w, m))

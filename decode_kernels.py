@@ -37,7 +37,7 @@ import triton.language as tl
 # 8-bit formats run best as one-warp programs on 32-token tiles, twice as many of them, so that
 # every reduction of the online softmax stays inside a warp (no shared-memory round trip and
 # barrier per tile) and many independent programs hide each other's latency. KIVI takes the same
-# shape on the 8-bit formats' evidence, not yet timed itself (its sweep in bench_attention.SWEEP).
+# shape: within 2% of the best of its sweep (bench_attention.SWEEP; docs/kernels.md).
 CONFIGS = {
     ("exact", 64): (64, 4, 4, 8),
     ("exact", 128): (64, 4, 4, 8),

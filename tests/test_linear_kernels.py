@@ -68,9 +68,8 @@ def test_committed_configs_fit_their_shapes():
         assert all(v & (v - 1) == 0 for v in (block_m, block_n, block_k, warps)), (kind, n, k, rows)
 
 
-def test_cpu_op_is_the_reference_and_traces():
-    """On the CPU the op is linear_reference, and torch.compile(fullgraph=True) keeps the call
-    (inference only, as every caller runs it: the op has no backward)."""
+def test_cpu_layer_is_the_reference_and_compiles():
+    """On the CPU a Linear is linear_reference, eager and under torch.compile(fullgraph=True)."""
     torch.manual_seed(0)
     layer = Linear(32, 24, bias=True)
     x = torch.randn(2, 3, 32)

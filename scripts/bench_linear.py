@@ -12,7 +12,8 @@ copies rotated past the L2; bandwidth is bytes read (weights, scales, activation
 
     python3 -m scripts.bench_linear [--model llama-3.1-8b] [--tp 1] [--inductor] [--out DIR]
 
-Writes bench_linear.json to --out and prints the table and the CONFIGS entries to commit.
+Writes bench_linear.json to the --out folder (never over an existing one) and prints the table and
+the CONFIGS entries to commit.
 """
 import argparse
 import json
@@ -20,10 +21,13 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import linear_kernels as lk
+import tp
+from atomic_write import write_atomically
 from linear_op import linear_reference
 from model import ModelArgs
 from scripts.benchmark import copy_bandwidth
@@ -160,6 +164,20 @@ def sweep_shape(name, n, k, kind, args) -> dict:
     return entry
 
 
+def check_args(args) -> tuple[dict, Path]:
+    """The matrices to sweep and the results' path, or ValueError saying what to pass instead:
+    before any GPU work, and an existing result is never overwritten."""
+    config = ModelArgs.from_name(args.model)  # ValueError names the presets
+    if args.tp not in tp.valid_world_sizes(config):
+        raise ValueError(f"--tp {args.tp} does not divide {args.model}'s heads and MLP; use one of {tp.valid_world_sizes(config)}")
+    path = Path(args.out) / "bench_linear.json"
+    if path.exists():
+        raise ValueError(f"{path} exists; pass another --out (results are never overwritten)")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"--out {path.parent} is a file; pass a folder")
+    return matrices(args.model, args.tp), path
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.1-8b", help="preset whose matrices are swept (default: %(default)s)")
@@ -170,12 +188,13 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "outputs"),
                    help="folder for bench_linear.json (default: $OUT when set, else outputs; now %(default)s)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("error: bench_linear times GPU kernels and no CUDA GPU is visible; run it on a GPU machine")
     try:
-        shapes = matrices(args.model, args.tp)
+        shapes, path = check_args(args)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    if not torch.cuda.is_available():
+        sys.exit("error: bench_linear times GPU kernels and no CUDA GPU is visible; run it on a GPU machine")
+    path.parent.mkdir(parents=True, exist_ok=True)
     copy = copy_bandwidth("cuda") / 1e12
     print(f"{torch.cuda.get_device_name()}  copy {copy:.2f} TB/s", flush=True)
     result = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -197,10 +216,8 @@ def main(argv=None) -> None:
         for rows in (1, lk.DECODE_ROWS):
             print(f"    ({e['kind']!r}, {e['N']}, {e['K']}, {rows}): {tuple(e[f'best_rows{rows}']['config'])},  # {e['matrix']}")
     print("}")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_linear.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    text = json.dumps(result, indent=1)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
     print(f"wrote {path}; median of the chosen configs' fraction of copy bandwidth at batch 1: "
           f"{statistics.median(e['bytes'] / e['best_rows1']['ms'] / 1e9 / copy for e in result['entries']):.0%}")
 

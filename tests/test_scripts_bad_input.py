@@ -175,6 +175,22 @@ def test_bench_attention_records_out_of_memory_but_not_bugs(monkeypatch):
     assert ba.wrong({"rel_err": float("nan")}) and ba.wrong({"rel_err": 0.5}) and not ba.wrong({"rel_err": 1e-3})
 
 
+# -- scripts.bench_linear ---------------------------------------------------------------------------
+@pytest.mark.parametrize("args, says", [
+    (["--model", "nope"], "known presets"),
+    (["--tp", "3"], "use one of [1, 2, 4, 8]"),
+    pytest.param([], "CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")),
+])
+def test_bench_linear_bad_arguments(tmp_path, fails_in_one_line, args, says):
+    assert says in fails_in_one_line("scripts.bench_linear", *args, "--out", tmp_path / "out")
+
+
+def test_bench_linear_never_overwrites(tmp_path, fails_in_one_line):
+    (tmp_path / "bench_linear.json").write_text("earlier results")
+    assert "pass another --out" in fails_in_one_line("scripts.bench_linear", "--out", tmp_path)
+    assert (tmp_path / "bench_linear.json").read_text() == "earlier results"
+
+
 # -- the real command line: stderr holds the one line and nothing else ---------------------------------
 COMMANDS = {
     "convert": lambda tmp: ["scripts.convert_hf_checkpoint", "--checkpoint_dir", damaged_folder(tmp, "bin garbage"),
@@ -182,6 +198,7 @@ COMMANDS = {
     "evaluate": lambda tmp: ["scripts.evaluate", "--out", tmp],
     "benchmark": lambda tmp: ["scripts.benchmark", "--model", "no-such-model", "--out", tmp / "b.json"],
     "bench_attention": lambda tmp: ["scripts.bench_attention", "--modes", "int9", "--out", tmp / "out"],
+    "bench_linear": lambda tmp: ["scripts.bench_linear", "--tp", "3", "--out", tmp / "out"],
 }
 
 

@@ -32,6 +32,8 @@ CASES = [
     (8, 96, 384, (16, 32, 64, 4, 2, 2)),  # batch 8, K split in two
     (3, 80, 320, (16, 32, 128, 4, 2, 3)),  # masked tiles and splits on the tensor cores
     (16, 64, 512, (16, 16, 128, 4, 2, 4)),  # the most rows a decode config takes
+    (1, 88, 200, None),  # a shape without a committed config: the batch-1 default
+    (5, 88, 200, None),  # the 2-16 rows default
     (40, 72, 200, None),  # prefill-sized: PREFILL_CONFIG, M in several blocks
 ]
 
@@ -66,6 +68,8 @@ def test_committed_configs_fit_their_shapes():
         assert kind in ("bf16", "int8") and rows in (1, lk.DECODE_ROWS) and block_m >= rows, (kind, n, k, rows)
         assert n % block_n == 0 and k // split >= block_k, (kind, n, k, rows)
         assert all(v & (v - 1) == 0 for v in (block_m, block_n, block_k, warps)), (kind, n, k, rows)
+    assert set(lk.DEFAULT_CONFIGS) == {(kind, rows) for kind in ("bf16", "int8") for rows in (1, lk.DECODE_ROWS)}
+    assert all(cfg[0] >= rows for (_, rows), cfg in lk.DEFAULT_CONFIGS.items())
 
 
 def test_cpu_layer_is_the_reference_and_compiles():

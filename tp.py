@@ -45,6 +45,7 @@ puts in the environment and joins the group (NCCL on cuda:LOCAL_RANK, gloo on th
 timeout, so a dead or stuck rank makes the others fail instead of hanging. Without WORLD_SIZE > 1
 nothing here runs and the model is untouched.
 """
+import gc
 import math
 import os
 from dataclasses import dataclass
@@ -120,7 +121,18 @@ def init(device: str, timeout_s: float = 600) -> str:
 def shutdown() -> None:
     _symm_mem_buffers.clear()  # freed while the group they were joined over still exists
     if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            release_cuda_graphs()
         dist.destroy_process_group()
+
+
+def release_cuda_graphs() -> None:
+    """Free the CUDA graphs torch.compile recorded (the decode step's). NCCL destroys a
+    communicator only once every CUDA graph that captured one of its collectives is gone
+    (pytorch/pytorch#115388), and inductor keeps its graphs for the process's life: without
+    this, every compiled run under torchrun hung in destroy_process_group after its output."""
+    torch._dynamo.reset()  # drops inductor's CUDA-graph trees with the compiled code
+    gc.collect()
 
 
 def is_collective_failure(e: BaseException) -> bool:

@@ -290,6 +290,26 @@ def test_init_on_gpus(monkeypatch):
         tp.init("cuda", timeout_s=5)
 
 
+def test_shutdown_frees_cuda_graphs_before_the_nccl_group(monkeypatch):
+    """tp.shutdown's NCCL branch, on a machine without GPUs: torch.compile's CUDA graphs are freed
+    before the group is destroyed (NCCL waits for every graph that captured a collective: the
+    compiled runs on two H200s hung there after their output), and the compiled code with them
+    (the next call compiles again)."""
+    compiled = torch.compile(lambda x: x * 2, fullgraph=True)
+    compiled(torch.ones(2))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    calls = []
+    monkeypatch.setattr(tp.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tp.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(tp.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (calls.append("reset"), reset()))
+    tp.shutdown()
+    assert calls == ["reset", "destroy"]
+    compiled(torch.ones(2))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+
+
 def test_world_size_not_dividing_the_heads(tiny):
     r = torchrun(3, "generate.py", "--checkpoint_path", str(tiny), "--max_new_tokens", "4")
     assert r.returncode != 0

@@ -290,6 +290,7 @@ def _check_kivi_tiles(monkeypatch, kivi, f16, prefetch, device):
     monkeypatch.setattr(decode_kernels, "KIVI_F16", f16)
     monkeypatch.setattr(decode_kernels, "KIVI_PREFETCH", prefetch)
     monkeypatch.setattr(decode_kernels, "MIN_SPLIT", 192)
+    monkeypatch.setattr(decode_kernels, "FILL_WARPS_PER_SM", 0)  # splits of MIN_SPLIT, however few
     monkeypatch.setattr(decode_kernels, "_sm_count", lambda device: 132)  # the same splits on every GPU
     gen = torch.Generator().manual_seed(KIVI_TILES.index(kivi))
     q = torch.randn(1, 8, D, generator=gen).to(device, torch.bfloat16)

@@ -57,8 +57,8 @@ CONVERT_ASM = True  # 8-bit codes converted with the PTX below (else plain casts
 KIVI_ASM = True  # KIVI tiles unpacked and dequantized with PTX (decode_kernels_kivi; bf16 caches unless KIVI_F16)
 KIVI_F16 = True  # KIVI codes dequantized into fp16 with one FMA per code pair (else bf16 with two)
 KIVI_PREFETCH = True  # KIVI scales and zeros loaded one tile ahead (else where they are used)
-MIN_SPLIT = 512  # tokens of capacity per split at least (batch 1 at 32K ran best near 1K) ...
-FILL_WARPS_PER_SM = 4  # ... unless that leaves the grid fewer warps than this per SM (plan_splits)
+MIN_SPLIT = 512  # tokens per split at least (batch 1 at 32K ran best near 1K) ...
+FILL_WARPS_PER_SM = 4  # ... unless that leaves the grid fewer warps than this per SM (plan_splits, split_bounds)
 INT8_OFFSET = 1152.0  # 1024 (the fp16 exponent the bytes sit under) + 128 (the flipped sign bit)
 INT8_OFFSET_T = tl.constexpr(INT8_OFFSET)  # the kernels read it as a global
 
@@ -100,15 +100,19 @@ def fp8_codes_to_f16(x, CONVERT_ASM: tl.constexpr, FP8_CVT: tl.constexpr):
 
 
 @triton.jit
-def split_bounds(LEN, cap, n_splits, split, HAS_LEN: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[start, end) of split number `split` of a segment: a chunk of its *current* length (read on
-    the device, never past the buffer's capacity), rounded up to the tile. Static grid, dynamic
-    work."""
+def split_bounds(LEN, cap, n_splits, split, fill, min_split, HAS_LEN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[start, end) of split number `split` of a segment. The grid's n_splits are planned for the
+    buffer's capacity (plan_splits); the *current* length (read on the device, never past the
+    capacity) is cut into as many of them as plan_splits would give a buffer of that length: at
+    least `fill` (enough to fill the GPU) or one per min_split tokens, rounded up to the tile.
+    The splits past the length are empty. Static grid, dynamic work: a cache sized for 128K at
+    8K tokens gets 128-token splits, not 256 one-tile ones whose partial outputs outweigh it."""
     if HAS_LEN:
         seg_len = tl.minimum(tl.load(LEN).to(tl.int32), cap)
     else:
         seg_len = cap
-    chunk = tl.cdiv(tl.cdiv(seg_len, n_splits), BLOCK_N) * BLOCK_N
+    active = tl.minimum(n_splits, tl.maximum(fill, tl.cdiv(seg_len, min_split)))
+    chunk = tl.cdiv(tl.cdiv(seg_len, active), BLOCK_N) * BLOCK_N
     start = split * chunk
     return start, tl.minimum(start + chunk, seg_len)
 
@@ -147,6 +151,7 @@ def token_partial(
     O, LSE, so_b, so_h, so_s,  # partial out [B, Hq, splits, D] fp32, log2-sum-exp [B, Hq, splits]
     sl_b, sl_h,
     qk_scale, Hkv, split_offset, n_splits, split, cap,  # this program: split `split` of n_splits, stored at split_offset + split
+    fill, min_split,  # split_bounds
     N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, FORMAT: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr, CONVERT_ASM: tl.constexpr, FP8_CVT: tl.constexpr,
     FP8_UNIT: tl.constexpr,  # what fp8_codes_to_f16 returns times this is the value (1 or 256)
@@ -155,7 +160,7 @@ def token_partial(
     partial output and log2-sum-exp."""
     b = tl.program_id(0) // Hkv
     h = tl.program_id(0) % Hkv
-    start, end = split_bounds(LEN, cap, n_splits, split, HAS_LEN, BLOCK_N)
+    start, end = split_bounds(LEN, cap, n_splits, split, fill, min_split, HAS_LEN, BLOCK_N)
     offs_m = tl.arange(0, M)
     row_ok = offs_m < N_REP
     heads = h * N_REP + offs_m  # the query heads of this KV head, padded to M rows
@@ -235,7 +240,7 @@ def token_partial_kernel(
     KS, VS, ssb, ssh, ssn,  # its per-token scales [B, Hkv, L, 1]
     BODY_LEN,  # its valid length [1]
     O, LSE, so_b, so_h, so_s, sl_b, sl_h,
-    qk_scale, Hkv, n_body, n_exact, cap_body, cap_exact,
+    qk_scale, Hkv, n_body, n_exact, cap_body, cap_exact, fill, min_split,
     N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, FORMAT: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr, CONVERT_ASM: tl.constexpr, FP8_CVT: tl.constexpr,
     FP8_UNIT: tl.constexpr,
@@ -247,12 +252,12 @@ def token_partial_kernel(
         if FORMAT != 0:
             token_partial(Q, sqb, sqh, BK, sbkb, sbkh, sbkn, BV, sbvb, sbvh, sbvn, KS, VS, ssb, ssh, ssn,
                           BODY_LEN, BODY_LEN, O, LSE, so_b, so_h, so_s, sl_b, sl_h,
-                          qk_scale, Hkv, 0, n_body, split, cap_body,
+                          qk_scale, Hkv, 0, n_body, split, cap_body, fill, min_split,
                           N_REP, M, D, FORMAT, BLOCK_N, True, False, CONVERT_ASM, FP8_CVT, FP8_UNIT)
     else:
         token_partial(Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, K, K, 0, 0, 0,
                       LEN, MASK, O, LSE, so_b, so_h, so_s, sl_b, sl_h,
-                      qk_scale, Hkv, n_body, n_exact, split - n_body, cap_exact,
+                      qk_scale, Hkv, n_body, n_exact, split - n_body, cap_exact, fill, min_split,
                       N_REP, M, D, 0, BLOCK_N, HAS_LEN, HAS_MASK, False, False, 1.0)
 
 
@@ -276,22 +281,26 @@ def combine_kernel(O, LSE, so_bh, so_s, sl_bh, OUT, sout_b, sout_h, Hq, S, S_PAD
 
 
 
-def plan_splits(bh: int, capacities: list[int], block_n: int, warps: int, sm_count: int, waves: int) -> list[int]:
+def plan_splits(bh: int, capacities: list[int], block_n: int, fill: int, sm_count: int, waves: int) -> list[int]:
     """Static split counts per segment from shapes only: ~waves programs per SM in all, shared by
     capacity, at least MIN_SPLIT tokens per split, or fewer (down to one tile) where MIN_SPLIT would
-    leave the grid fewer than FILL_WARPS_PER_SM warps per SM. A program's tiles run one after
-    another, so a few long splits are a chain of memory latencies: on an H200 at batch 1 / 8K the
-    int8 kernel took 29 us with 512-token splits (128 one-warp programs) and 15 us with 128-token
-    ones (512 programs); at 32K, where 512-token splits fill the GPU, shorter ones were slower."""
+    give fewer than `fill` splits in all (fill_splits). A program's tiles run one after another,
+    so a few long splits are a chain of memory latencies: on an H200 at batch 1 / 8K the int8
+    kernel took 29 us with 512-token splits (128 one-warp programs) and 15 us with 128-token ones
+    (512 programs); at 32K, where 512-token splits fill the GPU, shorter ones were slower."""
     target = max(1, math.ceil(waves * sm_count / bh))
     total = sum(capacities)
-    fill = FILL_WARPS_PER_SM * sm_count / (warps * bh)  # splits in all that give the grid that many warps
-    per_split = max(block_n, min(MIN_SPLIT, total / max(fill, 1)))
+    per_split = max(block_n, min(MIN_SPLIT, total / fill))
     splits = []
     for cap in capacities:
         s = max(1, round(target * cap / max(total, 1)))
         splits.append(max(1, min(s, math.ceil(cap / per_split))))
     return splits
+
+
+def fill_splits(bh: int, warps: int, sm_count: int) -> int:
+    """Splits per KV head that give the grid FILL_WARPS_PER_SM warps per SM (1 if that is off)."""
+    return max(1, math.ceil(FILL_WARPS_PER_SM * sm_count / (warps * bh)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -323,7 +332,8 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
     capacities = [N] if body is None else [body.k_codes.shape[2], N]
     # (CPU tensors reach here only under TRITON_INTERPRET=1, in tests.)
     sm_count = _sm_count(device) if q.is_cuda else 132
-    splits = plan_splits(B * Hkv, capacities, block_n, warps, sm_count, waves)
+    fill = fill_splits(B * Hkv, warps, sm_count)
+    splits = plan_splits(B * Hkv, capacities, block_n, fill, sm_count, waves)
     n_body, n_exact = (0, *splits) if body is None else splits
     o_part = torch.empty(B, Hq, n_body + n_exact, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, Hq, n_body + n_exact, device=q.device, dtype=torch.float32)
@@ -331,7 +341,7 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
     exact = (q, q.stride(0), q.stride(1), k, *k.stride()[:3], v, *v.stride()[:3],
              exact_len if exact_len is not None else q, exact_mask if exact_mask is not None else q)
     outputs = (o_part, lse, *o_part.stride()[:3], *lse.stride()[:2],
-               qk_scale, Hkv, n_body, n_exact, capacities[0] if body is not None else 0, N)
+               qk_scale, Hkv, n_body, n_exact, capacities[0] if body is not None else 0, N, fill, MIN_SPLIT)
     launch = dict(M=max(16, triton.next_power_of_2(n_rep)), N_REP=n_rep, D=D, BLOCK_N=block_n, num_warps=warps,
                   num_stages=stages, HAS_LEN=exact_len is not None, HAS_MASK=exact_mask is not None)
     grid = (B * Hkv, n_body + n_exact)

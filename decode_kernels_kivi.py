@@ -236,6 +236,7 @@ def kivi_partial(
     O, LSE, so_b, so_h, so_s,  # partial out [B, Hq, S_total, D] fp32, lse [B, Hq, S_total]
     sl_b, sl_h,
     qk_scale, Hkv, split_offset, n_splits, split, cap,  # this program: split `split` of n_splits, stored at split_offset + split
+    fill, min_split,  # split_bounds
     N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
     KIVI_ASM: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
@@ -243,7 +244,7 @@ def kivi_partial(
     """One split of a KIVI body for one KV head: its normalized partial output and log2-sum-exp."""
     b = tl.program_id(0) // Hkv
     h = tl.program_id(0) % Hkv
-    start, end = split_bounds(LEN, cap, n_splits, split, HAS_LEN, BLOCK_N)
+    start, end = split_bounds(LEN, cap, n_splits, split, fill, min_split, HAS_LEN, BLOCK_N)
 
     offs_m = tl.arange(0, M)
     row_ok = offs_m < N_REP
@@ -363,7 +364,7 @@ def kivi_partial_kernel(
     VS, VZ, svsb, svsh, svsn,  # value scale / zero [B, Hkv, L, D / VG] (same strides)
     BODY_LEN,  # the body's valid length [1]
     O, LSE, so_b, so_h, so_s, sl_b, sl_h,
-    qk_scale, Hkv, n_body, n_exact, cap_body, cap_exact,
+    qk_scale, Hkv, n_body, n_exact, cap_body, cap_exact, fill, min_split,
     N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
     KIVI_ASM: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
@@ -374,10 +375,10 @@ def kivi_partial_kernel(
     if split < n_body:
         kivi_partial(Q, sqb, sqh, BK, sbkb, sbkh, sbkn, BV, sbvb, sbvh, sbvn, KS, KZ, sksb, sksh, sksn,
                      VS, VZ, svsb, svsh, svsn, BODY_LEN, BODY_LEN, O, LSE, so_b, so_h, so_s, sl_b, sl_h,
-                     qk_scale, Hkv, 0, n_body, split, cap_body,
+                     qk_scale, Hkv, 0, n_body, split, cap_body, fill, min_split,
                      N_REP, M, D, BITS, G, VG, BLOCK_N, True, False, KIVI_ASM, F16, PREFETCH)
     else:
         token_partial(Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, K, K, 0, 0, 0,
                       LEN, MASK, O, LSE, so_b, so_h, so_s, sl_b, sl_h,
-                      qk_scale, Hkv, n_body, n_exact, split - n_body, cap_exact,
+                      qk_scale, Hkv, n_body, n_exact, split - n_body, cap_exact, fill, min_split,
                       N_REP, M, D, 0, BLOCK_N, HAS_LEN, HAS_MASK, False, False, 1.0)

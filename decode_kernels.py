@@ -57,8 +57,7 @@ CONVERT_ASM = True  # 8-bit codes converted with the PTX below (else plain casts
 KIVI_ASM = True  # KIVI tiles unpacked and dequantized with PTX (decode_kernels_kivi; bf16 caches unless KIVI_F16)
 KIVI_F16 = True  # KIVI codes dequantized into fp16 with one FMA per code pair (else bf16 with two)
 KIVI_PREFETCH = True  # KIVI scales and zeros loaded one tile ahead (else where they are used)
-MIN_SPLIT = 512  # tokens per split at least (batch 1 at 32K ran best near 1K) ...
-FILL_WARPS_PER_SM = 4  # ... unless that leaves the grid fewer warps than this per SM (plan_splits, split_bounds)
+MIN_SPLIT = 512  # tokens of capacity per split at least (batch 1 at 32K ran best near 1K)
 INT8_OFFSET = 1152.0  # 1024 (the fp16 exponent the bytes sit under) + 128 (the flipped sign bit)
 INT8_OFFSET_T = tl.constexpr(INT8_OFFSET)  # the kernels read it as a global
 
@@ -100,20 +99,15 @@ def fp8_codes_to_f16(x, CONVERT_ASM: tl.constexpr, FP8_CVT: tl.constexpr):
 
 
 @triton.jit
-def split_bounds(LEN, cap, n_splits, split, fill, min_split, HAS_LEN: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[start, end) of split number `split` of a segment. The grid's n_splits are planned for the
-    buffer's capacity (plan_splits); the *current* length (read on the device, never past the
-    capacity) is cut into as many of them as plan_splits would give a buffer of that length: at
-    least `fill` (enough to fill the GPU) or one per min_split tokens, rounded up to the tile.
-    The splits past the length are empty. Static grid, dynamic work: a cache sized for 128K at
-    8K tokens gets 128-token splits, not 256 one-tile ones whose partial outputs outweigh it."""
+def split_bounds(LEN, cap, n_splits, HAS_LEN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[start, end) of this program's split: a chunk of the *current* length (read on the device,
+    never past the buffer's capacity), rounded up to the tile. Static grid, dynamic work."""
     if HAS_LEN:
         seg_len = tl.minimum(tl.load(LEN).to(tl.int32), cap)
     else:
         seg_len = cap
-    active = tl.minimum(n_splits, tl.maximum(fill, tl.cdiv(seg_len, min_split)))
-    chunk = tl.cdiv(tl.cdiv(seg_len, active), BLOCK_N) * BLOCK_N
-    start = split * chunk
+    chunk = tl.cdiv(tl.cdiv(seg_len, n_splits), BLOCK_N) * BLOCK_N
+    start = tl.program_id(1) * chunk
     return start, tl.minimum(start + chunk, seg_len)
 
 
@@ -142,7 +136,7 @@ def finish_split(m_i, l_i, LSE, lse_row, start, end, N_REP: tl.constexpr, M: tl.
 
 
 @triton.jit
-def token_partial(
+def token_partial_kernel(
     Q, sqb, sqh,
     K, skb, skh, skn,  # exact slots [B, Hkv, N, D] or codes [B, Hkv, L, D]
     V, svb, svh, svn,
@@ -150,17 +144,14 @@ def token_partial(
     LEN, MASK,  # valid length [1] (HAS_LEN), valid slots [N] uint8 (HAS_MASK)
     O, LSE, so_b, so_h, so_s,  # partial out [B, Hq, splits, D] fp32, log2-sum-exp [B, Hq, splits]
     sl_b, sl_h,
-    qk_scale, Hkv, split_offset, n_splits, split, cap,  # this program: split `split` of n_splits, stored at split_offset + split
-    fill, min_split,  # split_bounds
+    qk_scale, Hkv, split_offset, n_splits, cap,
     N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, FORMAT: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr, CONVERT_ASM: tl.constexpr, FP8_CVT: tl.constexpr,
     FP8_UNIT: tl.constexpr,  # what fp8_codes_to_f16 returns times this is the value (1 or 256)
 ):
-    """One split of one segment (exact slots, or an 8-bit body) for one KV head: its normalized
-    partial output and log2-sum-exp."""
     b = tl.program_id(0) // Hkv
     h = tl.program_id(0) % Hkv
-    start, end = split_bounds(LEN, cap, n_splits, split, fill, min_split, HAS_LEN, BLOCK_N)
+    start, end = split_bounds(LEN, cap, n_splits, HAS_LEN, BLOCK_N)
     offs_m = tl.arange(0, M)
     row_ok = offs_m < N_REP
     heads = h * N_REP + offs_m  # the query heads of this KV head, padded to M rows
@@ -223,42 +214,10 @@ def token_partial(
             acc = acc * alpha[:, None] + tile * v_top
 
     # ---- this split's normalized output and log2-sum-exp ----
-    sp = split_offset + split
+    sp = split_offset + tl.program_id(1)
     inv_l, out_ok = finish_split(m_i, l_i, LSE, b * sl_b + heads * sl_h + sp, start, end, N_REP, M)
     tl.store(O + b * so_b + heads[:, None] * so_h + sp * so_s + offs_d[None, :], acc * inv_l[:, None],
              mask=out_ok[:, None])
-
-
-@triton.jit
-def token_partial_kernel(
-    Q, sqb, sqh,
-    K, skb, skh, skn,  # exact slots [B, Hkv, N, D]
-    V, svb, svh, svn,
-    LEN, MASK,  # their valid length [1] (HAS_LEN), valid slots [N] uint8 (HAS_MASK)
-    BK, sbkb, sbkh, sbkn,  # an 8-bit body's codes [B, Hkv, L, D] (FORMAT 1 or 2)
-    BV, sbvb, sbvh, sbvn,
-    KS, VS, ssb, ssh, ssn,  # its per-token scales [B, Hkv, L, 1]
-    BODY_LEN,  # its valid length [1]
-    O, LSE, so_b, so_h, so_s, sl_b, sl_h,
-    qk_scale, Hkv, n_body, n_exact, cap_body, cap_exact, fill, min_split,
-    N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, FORMAT: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr, CONVERT_ASM: tl.constexpr, FP8_CVT: tl.constexpr,
-    FP8_UNIT: tl.constexpr,
-):
-    """Grid (B * Hkv, n_body + n_exact): the body's splits (none when FORMAT is 0), then the exact
-    slots', in one launch: a quantized cache's layer costs no more launches than a full one's."""
-    split = tl.program_id(1)
-    if split < n_body:
-        if FORMAT != 0:
-            token_partial(Q, sqb, sqh, BK, sbkb, sbkh, sbkn, BV, sbvb, sbvh, sbvn, KS, VS, ssb, ssh, ssn,
-                          BODY_LEN, BODY_LEN, O, LSE, so_b, so_h, so_s, sl_b, sl_h,
-                          qk_scale, Hkv, 0, n_body, split, cap_body, fill, min_split,
-                          N_REP, M, D, FORMAT, BLOCK_N, True, False, CONVERT_ASM, FP8_CVT, FP8_UNIT)
-    else:
-        token_partial(Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, K, K, 0, 0, 0,
-                      LEN, MASK, O, LSE, so_b, so_h, so_s, sl_b, sl_h,
-                      qk_scale, Hkv, n_body, n_exact, split - n_body, cap_exact, fill, min_split,
-                      N_REP, M, D, 0, BLOCK_N, HAS_LEN, HAS_MASK, False, False, 1.0)
 
 
 @triton.jit
@@ -281,26 +240,16 @@ def combine_kernel(O, LSE, so_bh, so_s, sl_bh, OUT, sout_b, sout_h, Hq, S, S_PAD
 
 
 
-def plan_splits(bh: int, capacities: list[int], block_n: int, fill: int, sm_count: int, waves: int) -> list[int]:
+def plan_splits(bh: int, capacities: list[int], block_ns: list[int], sm_count: int, waves: int) -> list[int]:
     """Static split counts per segment from shapes only: ~waves programs per SM in all, shared by
-    capacity, at least MIN_SPLIT tokens per split, or fewer (down to one tile) where MIN_SPLIT would
-    give fewer than `fill` splits in all (fill_splits). A program's tiles run one after another,
-    so a few long splits are a chain of memory latencies: on an H200 at batch 1 / 8K the int8
-    kernel took 29 us with 512-token splits (128 one-warp programs) and 15 us with 128-token ones
-    (512 programs); at 32K, where 512-token splits fill the GPU, shorter ones were slower."""
+    capacity, at least MIN_SPLIT tokens (and one tile) per split."""
     target = max(1, math.ceil(waves * sm_count / bh))
     total = sum(capacities)
-    per_split = max(block_n, min(MIN_SPLIT, total / fill))
     splits = []
-    for cap in capacities:
+    for cap, bn in zip(capacities, block_ns):
         s = max(1, round(target * cap / max(total, 1)))
-        splits.append(max(1, min(s, math.ceil(cap / per_split))))
+        splits.append(max(1, min(s, math.ceil(cap / max(bn, MIN_SPLIT)))))
     return splits
-
-
-def fill_splits(bh: int, warps: int, sm_count: int) -> int:
-    """Splits per KV head that give the grid FILL_WARPS_PER_SM warps per SM (1 if that is off)."""
-    return max(1, math.ceil(FILL_WARPS_PER_SM * sm_count / (warps * bh)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -315,58 +264,64 @@ def _has_fp8_cvt(device_index: int) -> bool:
 
 
 def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=None):
-    """Launch the partial kernel once over every segment (the quantized body, if any, then the
-    exact slots) into one buffer of splits, then the combine. Arguments as decode_attention's
-    (checked there; exact_mask as uint8); `out` [B, Hq, D] is written in place if given."""
+    """Launch one partial kernel per segment (the quantized body, if any, then the exact slots)
+    into one buffer of splits, then the combine. Arguments as decode_attention's (checked there;
+    exact_mask as uint8); `out` [B, Hq, D] is written in place if given."""
     from decode_kernels_kivi import kivi_partial_kernel  # (it imports this module's helpers)
 
     B, Hq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     n_rep = Hq // Hkv
     device = q.device.index if q.device.index is not None else (torch.cuda.current_device() if q.is_cuda else 0)
-    # One launch, one config: the body's when there is one (it is nearly all the work; the exact
-    # slots of a quantized cache are its sink and window, a few tiles).
-    block_n, warps, stages, waves = CONFIGS[("exact" if body is None else body.format, D)]
-    if body is not None and body.bits != 8:
-        block_n = min(block_n, body.key_group)  # a KIVI tile within one key group
-    capacities = [N] if body is None else [body.k_codes.shape[2], N]
+    segments = []  # (format, capacity, BLOCK_N, num_warps, num_stages)
+    if body is not None:
+        block_n, warps, stages, waves = CONFIGS[(body.format, D)]
+        if body.bits != 8:
+            block_n = min(block_n, body.key_group)  # a KIVI tile within one key group
+        segments.append((body.format, body.k_codes.shape[2], block_n, warps, stages))
+    block_n, warps, stages, exact_waves = CONFIGS[("exact", D)]
+    segments.append(("exact", N, block_n, warps, stages))
     # (CPU tensors reach here only under TRITON_INTERPRET=1, in tests.)
     sm_count = _sm_count(device) if q.is_cuda else 132
-    fill = fill_splits(B * Hkv, warps, sm_count)
-    splits = plan_splits(B * Hkv, capacities, block_n, fill, sm_count, waves)
-    n_body, n_exact = (0, *splits) if body is None else splits
-    o_part = torch.empty(B, Hq, n_body + n_exact, D, device=q.device, dtype=torch.float32)
-    lse = torch.empty(B, Hq, n_body + n_exact, device=q.device, dtype=torch.float32)
+    waves = waves if body is not None else exact_waves  # the body, when there is one, is nearly all the work
+    splits = plan_splits(B * Hkv, [s[1] for s in segments], [s[2] for s in segments], sm_count, waves)
+    o_part = torch.empty(B, Hq, sum(splits), D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, Hq, sum(splits), device=q.device, dtype=torch.float32)
+    common = dict(M=max(16, triton.next_power_of_2(n_rep)), N_REP=n_rep, D=D)
     qk_scale = sm_scale * math.log2(math.e)  # the kernels use exp2
-    exact = (q, q.stride(0), q.stride(1), k, *k.stride()[:3], v, *v.stride()[:3],
-             exact_len if exact_len is not None else q, exact_mask if exact_mask is not None else q)
-    outputs = (o_part, lse, *o_part.stride()[:3], *lse.stride()[:2],
-               qk_scale, Hkv, n_body, n_exact, capacities[0] if body is not None else 0, N, fill, MIN_SPLIT)
-    launch = dict(M=max(16, triton.next_power_of_2(n_rep)), N_REP=n_rep, D=D, BLOCK_N=block_n, num_warps=warps,
-                  num_stages=stages, HAS_LEN=exact_len is not None, HAS_MASK=exact_mask is not None)
-    grid = (B * Hkv, n_body + n_exact)
-    if body is None:
-        token_partial_kernel[grid](*exact, k, 0, 0, 0, v, 0, 0, 0, k, k, 0, 0, 0, q, *outputs, FORMAT=0,
-                                   CONVERT_ASM=False, FP8_CVT=False, FP8_UNIT=1.0, **launch)
-    elif body.bits == 8:
-        convert_asm = CONVERT_ASM and q.is_cuda
-        fp8_cvt = q.is_cuda and _has_fp8_cvt(device)
-        token_partial_kernel[grid](
-            *exact, body.k_codes, *body.k_codes.stride()[:3], body.v_codes, *body.v_codes.stride()[:3],
-            body.k_scale, body.v_scale, *body.k_scale.stride()[:3], body_len, *outputs, FORMAT=FORMAT_IDS[body.format],
-            CONVERT_ASM=convert_asm, FP8_CVT=fp8_cvt, FP8_UNIT=1.0 if convert_asm and fp8_cvt else 256.0, **launch)
-    else:
-        kivi_partial_kernel[grid](
-            *exact, body.k_codes, *body.k_codes.stride()[:3], body.v_codes, *body.v_codes.stride()[:3],
-            body.k_scale, body.k_zero, *body.k_scale.stride()[:3], body.v_scale, body.v_zero, *body.v_scale.stride()[:3],
-            body_len, *outputs, BITS=body.bits, G=body.key_group, VG=body.value_group,
-            KIVI_ASM=KIVI_ASM and q.is_cuda and (KIVI_F16 or q.dtype == torch.bfloat16), F16=KIVI_F16,
-            PREFETCH=KIVI_PREFETCH, **launch)
+    offset = 0
+    for (fmt, cap, block_n, warps, stages), n_splits in zip(segments, splits):
+        outputs = (o_part, lse, *o_part.stride()[:3], *lse.stride()[:2], qk_scale, Hkv, offset, n_splits, cap)
+        launch = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+        grid = (B * Hkv, n_splits)
+        if fmt == "exact":
+            token_partial_kernel[grid](
+                q, q.stride(0), q.stride(1), k, *k.stride()[:3], v, *v.stride()[:3], k, k, 0, 0, 0,
+                exact_len if exact_len is not None else q, exact_mask if exact_mask is not None else q, *outputs,
+                FORMAT=0, HAS_LEN=exact_len is not None, HAS_MASK=exact_mask is not None,
+                CONVERT_ASM=False, FP8_CVT=False, FP8_UNIT=1.0, **launch)
+        elif body.bits == 8:
+            convert_asm = CONVERT_ASM and q.is_cuda
+            fp8_cvt = q.is_cuda and _has_fp8_cvt(device)
+            token_partial_kernel[grid](
+                q, q.stride(0), q.stride(1), body.k_codes, *body.k_codes.stride()[:3],
+                body.v_codes, *body.v_codes.stride()[:3], body.k_scale, body.v_scale, *body.k_scale.stride()[:3],
+                body_len, q, *outputs, FORMAT=FORMAT_IDS[fmt], HAS_LEN=True, HAS_MASK=False,
+                CONVERT_ASM=convert_asm, FP8_CVT=fp8_cvt, FP8_UNIT=1.0 if convert_asm and fp8_cvt else 256.0, **launch)
+        else:
+            kivi_partial_kernel[grid](
+                q, q.stride(0), q.stride(1), body.k_codes, *body.k_codes.stride()[:3],
+                body.v_codes, *body.v_codes.stride()[:3], body.k_scale, body.k_zero, *body.k_scale.stride()[:3],
+                body.v_scale, body.v_zero, *body.v_scale.stride()[:3], body_len, q, *outputs,
+                BITS=body.bits, G=body.key_group, VG=body.value_group, HAS_LEN=True, HAS_MASK=False,
+                KIVI_ASM=KIVI_ASM and q.is_cuda and (KIVI_F16 or q.dtype == torch.bfloat16), F16=KIVI_F16,
+                PREFETCH=KIVI_PREFETCH, **launch)
+        offset += n_splits
     if out is None:
         out = torch.empty_like(q)
-    s_pad = triton.next_power_of_2(n_body + n_exact)
+    s_pad = triton.next_power_of_2(sum(splits))
     combine_kernel[(B * Hq,)](
-        o_part, lse, o_part.stride(1), o_part.stride(2), lse.stride(1), out, out.stride(0), out.stride(1), Hq, n_body + n_exact,
+        o_part, lse, o_part.stride(1), o_part.stride(2), lse.stride(1), out, out.stride(0), out.stride(1), Hq, sum(splits),
         S_PAD=s_pad, D=D, num_warps=min(16, max(4, s_pad * D // 2048)),  # <= 64 fp32 of the tile per thread
     )
     return out

@@ -23,7 +23,7 @@ same arithmetic is written with plain ops in fp32.
 import triton
 import triton.language as tl
 
-from decode_kernels import finish_split, online_softmax, split_bounds, token_partial
+from decode_kernels import finish_split, online_softmax, split_bounds
 
 
 def _unpack_asm(bits, f16):
@@ -226,7 +226,7 @@ def _load_q(ptrs, row_ok, qk_scale, F16: tl.constexpr):
 
 
 @triton.jit
-def kivi_partial(
+def kivi_partial_kernel(
     Q, sqb, sqh,
     K, skb, skh, skn,  # packed codes [B, Hkv, L, DP]
     V, svb, svh, svn,
@@ -235,16 +235,14 @@ def kivi_partial(
     LEN, MASK,
     O, LSE, so_b, so_h, so_s,  # partial out [B, Hq, S_total, D] fp32, lse [B, Hq, S_total]
     sl_b, sl_h,
-    qk_scale, Hkv, split_offset, n_splits, split, cap,  # this program: split `split` of n_splits, stored at split_offset + split
-    fill, min_split,  # split_bounds
+    qk_scale, Hkv, split_offset, n_splits, cap,
     N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
     KIVI_ASM: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """One split of a KIVI body for one KV head: its normalized partial output and log2-sum-exp."""
     b = tl.program_id(0) // Hkv
     h = tl.program_id(0) % Hkv
-    start, end = split_bounds(LEN, cap, n_splits, split, fill, min_split, HAS_LEN, BLOCK_N)
+    start, end = split_bounds(LEN, cap, n_splits, HAS_LEN, BLOCK_N)
 
     offs_m = tl.arange(0, M)
     row_ok = offs_m < N_REP
@@ -341,7 +339,7 @@ def kivi_partial(
                               acc3 * alpha[:, None])
 
     # ---- this split's normalized output and log2-sum-exp ----
-    sp = split_offset + split
+    sp = split_offset + tl.program_id(1)
     inv_l, out_ok = finish_split(m_i, l_i, LSE, b * sl_b + heads * sl_h + sp, start, end, N_REP, M)
     o_row = O + b * so_b + heads * so_h + sp * so_s  # [M]
     o_p = o_row[:, None] + offs_p[None, :]  # plane i -> channels [i*DP, (i+1)*DP)
@@ -350,35 +348,3 @@ def kivi_partial(
     if NPL == 4:
         tl.store(o_p + 2 * DP, acc2 * inv_l[:, None], mask=out_ok[:, None])
         tl.store(o_p + 3 * DP, acc3 * inv_l[:, None], mask=out_ok[:, None])
-
-
-@triton.jit
-def kivi_partial_kernel(
-    Q, sqb, sqh,
-    K, skb, skh, skn,  # exact slots [B, Hkv, N, D]
-    V, svb, svh, svn,
-    LEN, MASK,  # their valid length [1] (HAS_LEN), valid slots [N] uint8 (HAS_MASK)
-    BK, sbkb, sbkh, sbkn,  # the body's packed codes [B, Hkv, L, DP]
-    BV, sbvb, sbvh, sbvn,
-    KS, KZ, sksb, sksh, sksn,  # key scale / zero [B, Hkv, L / G, D] (same strides)
-    VS, VZ, svsb, svsh, svsn,  # value scale / zero [B, Hkv, L, D / VG] (same strides)
-    BODY_LEN,  # the body's valid length [1]
-    O, LSE, so_b, so_h, so_s, sl_b, sl_h,
-    qk_scale, Hkv, n_body, n_exact, cap_body, cap_exact, fill, min_split,
-    N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-    G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
-    KIVI_ASM: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
-):
-    """Grid (B * Hkv, n_body + n_exact): the body's splits, then the exact slots', in one launch
-    (decode_kernels.token_partial_kernel's layout)."""
-    split = tl.program_id(1)
-    if split < n_body:
-        kivi_partial(Q, sqb, sqh, BK, sbkb, sbkh, sbkn, BV, sbvb, sbvh, sbvn, KS, KZ, sksb, sksh, sksn,
-                     VS, VZ, svsb, svsh, svsn, BODY_LEN, BODY_LEN, O, LSE, so_b, so_h, so_s, sl_b, sl_h,
-                     qk_scale, Hkv, 0, n_body, split, cap_body, fill, min_split,
-                     N_REP, M, D, BITS, G, VG, BLOCK_N, True, False, KIVI_ASM, F16, PREFETCH)
-    else:
-        token_partial(Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, K, K, 0, 0, 0,
-                      LEN, MASK, O, LSE, so_b, so_h, so_s, sl_b, sl_h,
-                      qk_scale, Hkv, n_body, n_exact, split - n_body, cap_exact, fill, min_split,
-                      N_REP, M, D, 0, BLOCK_N, HAS_LEN, HAS_MASK, False, False, 1.0)

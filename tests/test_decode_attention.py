@@ -238,30 +238,6 @@ def test_kernels_interpreted(triton_interpreter, case, dtype):
 
 
 @interp
-@pytest.mark.parametrize(("bits", "body_len", "fill_warps"), [(8, 300, 0), (8, 2048, 0), (8, 1, 0), (8, 300, 4),
-                                                               (4, 300, 0), (4, 1900, 4), ("fp8", 700, 0)])
-def test_splits_follow_the_current_length(triton_interpreter, monkeypatch, bits, body_len, fill_warps):
-    """A body sized for 2048 tokens holding up to that many: the grid's splits are planned for the
-    capacity and the current length is cut into as many as it needs (decode_kernels.split_bounds),
-    the rest empty; with fill_warps 4, at least enough for 132 SMs (the interpreter's count), and
-    never more than the grid has (one wave: 33 splits per KV head, so a full body's 32-token
-    splits are merged). Against the reference."""
-    import decode_kernels
-    from decode_kernels import flash_decode
-
-    fmt = "int4" if bits == 4 else "fp8" if bits == "fp8" else "int8"
-    monkeypatch.setitem(decode_kernels.CONFIGS, (fmt, 64), (32, 1, 3, 1))
-    monkeypatch.setattr(decode_kernels, "MIN_SPLIT", 32)
-    monkeypatch.setattr(decode_kernels, "FILL_WARPS_PER_SM", fill_warps)
-    q, k, v, el, mask, body, bl = _case(17, 2, 2, 4, 64, 20, 9, False, bits, 32 if bits == 4 else 1, 2048, body_len,
-                                        torch.float32)
-    ref = decode_attention_reference(q, k, v, el, mask, body, bl)
-    out = torch.full_like(q, float("nan"))
-    flash_decode(q, k, v, el, None, body, bl, q.shape[-1] ** -0.5, out=out)
-    assert rel_err(out, ref) < 1e-2
-
-
-@interp
 @pytest.mark.parametrize("bits", [None, 8, "fp8", 4])
 def test_kernels_interpreted_with_nothing_valid(triton_interpreter, bits):
     """No valid slot and an empty body: zeros, as the reference gives (not just finite values)."""
@@ -314,7 +290,6 @@ def _check_kivi_tiles(monkeypatch, kivi, f16, prefetch, device):
     monkeypatch.setattr(decode_kernels, "KIVI_F16", f16)
     monkeypatch.setattr(decode_kernels, "KIVI_PREFETCH", prefetch)
     monkeypatch.setattr(decode_kernels, "MIN_SPLIT", 192)
-    monkeypatch.setattr(decode_kernels, "FILL_WARPS_PER_SM", 0)  # splits of MIN_SPLIT, however few
     monkeypatch.setattr(decode_kernels, "_sm_count", lambda device: 132)  # the same splits on every GPU
     gen = torch.Generator().manual_seed(KIVI_TILES.index(kivi))
     q = torch.randn(1, 8, D, generator=gen).to(device, torch.bfloat16)

@@ -11,8 +11,11 @@ The KIVI modes int4 and int2 use the shipped groups (strategies.KIVI_GROUPS). --
 (BLOCK_N, warps, stages) and split counts at batch 8 / 32K; --variants times each format with one
 of decode_kernels' switches flipped at a time (VARIANTS: the 8-bit conversions as plain casts;
 KIVI's scales loaded where used, bf16 dequantization, no PTX), to see what each stage costs;
---sass writes each compiled kernel's SASS next to the JSON. Writes bench_attention.json (and
-prints a table) to $OUT, else outputs/.
+--sass writes each compiled kernel's SASS next to the JSON. --capacity C sizes every cache for C
+tokens with each case's S valid, as the whole-step benchmark sizes its caches for the longest
+context (the kernels plan their splits for the capacity): at batch 1 a short context then runs
+in other splits than a cache of its own length. Writes bench_attention.json (and prints a table)
+to $OUT, else outputs/.
 """
 import argparse
 import json
@@ -52,6 +55,7 @@ VARIANTS = {"int8": ("CONVERT_ASM",), "fp8": ("CONVERT_ASM",),
 MODES = ("bf16", *MODE_BITS)
 REL_TOL = 1e-2  # kernel vs reference in bf16 (tests/test_decode_attention.py says why)
 L2_ROTATE_BYTES = 256 << 20  # rotate input sets until this many bytes: timings past the 50 MB L2
+SETS_MAX_BYTES = 40 << 30  # ... as long as the sets held stay below this (a --capacity far past the length)
 
 
 def bench(fn):
@@ -91,20 +95,25 @@ def make_body(B, L, bits, groups) -> kv_quant.QuantizedBody:
                                   kz.squeeze(-2), kv_quant.pack_codes(vc, bits), vs, vz)
 
 
-def make_inputs(B, S, mode):
-    """One input set: (args for decode_attention, bytes the call must read)."""
+def make_inputs(B, S, mode, capacity=None):
+    """One input set: (args for decode_attention, bytes the call must read, bytes it holds).
+    The cache holds `capacity` tokens (default S) of which the first S are valid: the kernels
+    plan their splits for the capacity, as in the whole step, whose caches are sized once for
+    the longest context."""
+    C = capacity or S
     q = randn(B, HQ, D)
     if mode == "bf16":
-        k, v = randn(B, HKV, S, D), randn(B, HKV, S, D)
+        k, v = randn(B, HKV, C, D), randn(B, HKV, C, D)
         el = torch.tensor([S], device="cuda", dtype=torch.int32)
-        return (q, k, v, el, None, None, None), 2 * k.numel() * 2
+        return (q, k, v, el, None, None, None), 2 * B * HKV * S * D * 2, 2 * k.numel() * 2
     bits, groups = MODE_BITS[mode]
-    body = make_body(B, S, bits, groups)
+    body = make_body(B, C, bits, groups)
     k, v = randn(B, HKV, 128, D), randn(B, HKV, 128, D)
     el = torch.tensor([RESIDUAL], device="cuda", dtype=torch.int32)
     bl = torch.tensor([S], device="cuda", dtype=torch.int32)
-    nbytes = sum(t.numel() * t.element_size() for t in body.tensors() if t is not None) + 2 * B * HKV * RESIDUAL * D * 2
-    return (q, k, v, el, None, body, bl), nbytes
+    held = sum(t.numel() * t.element_size() for t in body.tensors() if t is not None)
+    exact = 2 * B * HKV * RESIDUAL * D * 2
+    return (q, k, v, el, None, body, bl), held * S // C + exact, held + 2 * k.numel() * 2
 
 
 def clone_set(args):
@@ -207,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for bench_attention.json (default: $OUT when set, else outputs; now %(default)s)")
     p.add_argument("--cases", default="8x32768,1x1024,1x32768,1x131072",
                    help="BxS list (batch x cache length), comma separated (default: %(default)s)")
+    p.add_argument("--capacity", type=int, default=None,
+                   help="tokens every cache holds, of which each case's S are valid (default: S): the whole "
+                        "step's condition, whose caches are sized once for the longest context")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"cache formats, comma separated, from {', '.join(MODES)} (default: %(default)s)")
     p.add_argument("--variants", action="store_true",
@@ -251,6 +263,9 @@ def parse_modes(text: str) -> list[str]:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cases, modes = parse_cases(args.cases), parse_modes(args.modes)
+    if args.capacity is not None and (args.capacity < max(S for _, S in cases) or args.capacity % 128):
+        sys.exit(f"error: --capacity takes a multiple of 128 (whole KIVI key groups) no smaller than the longest "
+                 f"case ({max(S for _, S in cases)} tokens), got {args.capacity}; or leave it out")
     if not torch.cuda.is_available():
         sys.exit("error: bench_attention times the Triton kernel on a CUDA GPU and none is visible; run it on a GPU machine")
     os.makedirs(args.out, exist_ok=True)
@@ -283,15 +298,15 @@ def main(argv=None):
         sdpa_name, sdpa_ms = None, None
         for mode in modes:
             t0 = time.time()
-            a0, nbytes = make_inputs(B, S, mode)
-            n_sets = max(1, min(256, math.ceil(L2_ROTATE_BYTES / nbytes)))
+            a0, nbytes, held = make_inputs(B, S, mode, args.capacity)
+            n_sets = max(1, min(256, math.ceil(L2_ROTATE_BYTES / nbytes), SETS_MAX_BYTES // held))
             sets = [a0] + [clone_set(a0) for _ in range(n_sets - 1)]
             if sdpa_ms is None:
                 s_sets, s_call, sdpa_name = sdpa_sets(B, S, max(1, min(256, math.ceil(L2_ROTATE_BYTES / (4 * B * HKV * S * D)))))
                 sdpa_ms = bench(rotating(s_sets, s_call))
                 del s_sets
             ref = da.decode_attention_reference(*a0)
-            row = {"B": B, "S": S, "mode": mode, "bytes": nbytes, "floor_ms": nbytes / bw / 1e9,
+            row = {"B": B, "S": S, "capacity": args.capacity or S, "mode": mode, "bytes": nbytes, "floor_ms": nbytes / bw / 1e9,
                    "sdpa_ms": sdpa_ms, "sdpa_backend": sdpa_name, "sets": n_sets}
             check_and_time(row, a0, sets, ref, Switched(mode))
             if "ms" in row:

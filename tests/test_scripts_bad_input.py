@@ -147,6 +147,8 @@ def test_benchmark_out_below_a_file(tmp_path, fails_in_one_line):
     (["--cases", "8by32768"], "--cases takes BxS pairs"),
     (["--cases", "8x0"], "--cases takes BxS pairs"),
     (["--modes", "int8,int9"], "unknown --modes int9"),
+    (["--cases", "1x8192,1x1024", "--capacity", "4096"], "no smaller than the longest case (8192 tokens)"),
+    (["--cases", "1x1024", "--capacity", "1100"], "--capacity takes a multiple of 128"),
     pytest.param([], "CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")),
 ])
 def test_bench_attention_bad_arguments(tmp_path, fails_in_one_line, args, says):

@@ -5,13 +5,14 @@ slots, int8, fp8, KIVI int4/int2), the Triton kernel against F.scaled_dot_produc
 a bf16 cache of the same length, next to the floor: bytes the call must read over the measured
 copy bandwidth. Every timed configuration is also checked against decode_attention_reference.
 
-    python3 -m scripts.bench_attention [--sweep] [--variants] [--sass] [--out DIR]
+    python3 -m scripts.bench_attention [--sweep] [--variants] [--splits] [--capacity C] [--sass] [--out DIR]
 
 The KIVI modes int4 and int2 use the shipped groups (strategies.KIVI_GROUPS). --sweep times other
 (BLOCK_N, warps, stages) and split counts at batch 8 / 32K; --variants times each format with one
 of decode_kernels' switches flipped at a time (VARIANTS: the 8-bit conversions as plain casts;
 KIVI's scales loaded where used, bf16 dequantization, no PTX), to see what each stage costs;
---sass writes each compiled kernel's SASS next to the JSON. --capacity C sizes every cache for C
+--sass writes each compiled kernel's SASS next to the JSON. --splits times every case with
+decode_kernels.MIN_SPLIT at each of SPLIT_SWEEP. --capacity C sizes every cache for C
 tokens with each case's S valid, as the whole-step benchmark sizes its caches for the longest
 context (the kernels plan their splits for the capacity): at batch 1 a short context then runs
 in other splits than a cache of its own length. Writes bench_attention.json (and prints a table)
@@ -49,6 +50,9 @@ RESIDUAL = 64  # exact slots after a quantized body (valid of 128)
 # mode -> (bits, (key group, value group)): the KIVI modes with their shipped groups.
 MODE_BITS = {"int8": (8, None), "fp8": ("fp8", None), "int4": (4, KIVI_GROUPS[4]), "int2": (2, KIVI_GROUPS[2])}
 MODE_FORMAT = {"bf16": "exact"}  # else the mode is the format
+# What --splits sets decode_kernels.MIN_SPLIT to (tokens per split at least; the split count is
+# also capped by the config's waves), at every case.
+SPLIT_SWEEP = (64, 128, 256, 512, 1024)
 # What --variants flips per format, one at a time (module switches of decode_kernels).
 VARIANTS = {"int8": ("CONVERT_ASM",), "fp8": ("CONVERT_ASM",),
             **{m: ("KIVI_PREFETCH", "KIVI_F16", "KIVI_ASM") for m in ("int4", "int2")}}
@@ -141,22 +145,24 @@ def kernel_call(a):
 
 class Switched:
     """decode_kernels' tuning switches set for a while: a format's config (BLOCK_N, warps,
-    stages, waves), a module switch flipped from its shipped value."""
+    stages, waves), a module switch flipped from its shipped value, MIN_SPLIT."""
 
-    def __init__(self, mode, config=None, flip=None):
+    def __init__(self, mode, config=None, flip=None, min_split=None):
         self.key = (MODE_FORMAT.get(mode, mode), D)
-        self.config, self.flip = config, flip
+        self.config, self.flip, self.min_split = config, flip, min_split
 
     def __enter__(self):
-        self.saved_config = dk.CONFIGS[self.key]
+        self.saved_config, self.saved_min_split = dk.CONFIGS[self.key], dk.MIN_SPLIT
         if self.config:
             dk.CONFIGS[self.key] = tuple(self.config)
         if self.flip:
             self.saved_switch = getattr(dk, self.flip)
             setattr(dk, self.flip, not self.saved_switch)
+        if self.min_split:
+            dk.MIN_SPLIT = self.min_split
 
     def __exit__(self, *exc):
-        dk.CONFIGS[self.key] = self.saved_config
+        dk.CONFIGS[self.key], dk.MIN_SPLIT = self.saved_config, self.saved_min_split
         if self.flip:
             setattr(dk, self.flip, self.saved_switch)
 
@@ -221,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "step's condition, whose caches are sized once for the longest context")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"cache formats, comma separated, from {', '.join(MODES)} (default: %(default)s)")
+    p.add_argument("--splits", action="store_true",
+                   help=f"also time each case with decode_kernels.MIN_SPLIT at each of {SPLIT_SWEEP}")
     p.add_argument("--variants", action="store_true",
                    help="also time each format with each of its switches flipped (VARIANTS)")
     p.add_argument("--sass", action="store_true", help="write every compiled kernel's SASS next to the JSON")
@@ -311,6 +319,12 @@ def main(argv=None):
             check_and_time(row, a0, sets, ref, Switched(mode))
             if "ms" in row:
                 row["TBps"] = nbytes / row["ms"] / 1e9
+            if args.splits:
+                row["splits"] = []
+                for min_split in SPLIT_SWEEP:
+                    entry = {"min_split": min_split}
+                    check_and_time(entry, a0, sets, ref, Switched(mode, min_split=min_split))
+                    row["splits"].append(entry)
             if args.variants:
                 row["variants"] = []
                 for switch in VARIANTS.get(MODE_FORMAT.get(mode, mode), ()):
@@ -358,6 +372,17 @@ def main(argv=None):
                   f"| {r['sdpa_ms']:.4f} | {r['rel_err']:.1e} |")
         else:
             print(f"| {r['B']} | {r['S']} | {r['mode']} | error: {r['error'][:80]} |")
+    split_rows = [(r, e) for r in rows for e in r.get("splits", [])]
+    if split_rows:
+        print(f"\n| B | S | capacity | format | MIN_SPLIT | ms | x shipped ({dk.MIN_SPLIT}) | rel err |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r, e in split_rows:
+            if "ms" in e and "ms" in r:
+                print(f"| {r['B']} | {r['S']} | {r['capacity']} | {r['mode']} | {e['min_split']} | {e['ms']:.4f} "
+                      f"| {e['ms'] / r['ms']:.2f} | {e['rel_err']:.1e} |")
+            else:
+                print(f"| {r['B']} | {r['S']} | {r['capacity']} | {r['mode']} | {e['min_split']} | "
+                      f"error: {e.get('error', r.get('error', ''))[:60]} | | |")
     variants = [(r, v) for r in rows for v in r.get("variants", [])]
     if variants:
         print("\n| B | S | format | shipped ms | flipped | ms | x shipped | rel err |")
@@ -373,7 +398,7 @@ def main(argv=None):
         write_sass(args.out)
     save()
     print(f"wrote {out_path}")
-    if n_wrong := sum(map(wrong, rows + sweep + [v for _, v in variants])):
+    if n_wrong := sum(map(wrong, rows + sweep + [v for _, v in variants] + [e for _, e in split_rows])):
         sys.exit(f"error: {n_wrong} kernel results differ from decode_attention_reference by more than {REL_TOL} "
                  f"(rel_err in {out_path}): a kernel bug; run tests/test_decode_attention.py on this GPU")
 

@@ -177,6 +177,20 @@ def test_bench_attention_records_out_of_memory_but_not_bugs(monkeypatch):
     assert ba.wrong({"rel_err": float("nan")}) and ba.wrong({"rel_err": 0.5}) and not ba.wrong({"rel_err": 1e-3})
 
 
+def test_bench_attention_switches_are_set_for_a_while():
+    """Switched sets a format's config, a module switch and MIN_SPLIT (--sweep, --variants,
+    --splits) and puts every one back, also when the timed call raises."""
+    import decode_kernels as dk
+    from scripts import bench_attention as ba
+
+    shipped = dk.CONFIGS[("int8", ba.D)], dk.CONVERT_ASM, dk.MIN_SPLIT
+    with pytest.raises(RuntimeError, match="inside"):
+        with ba.Switched("int8", config=(64, 4, 3, 8), flip="CONVERT_ASM", min_split=96):
+            assert (dk.CONFIGS[("int8", ba.D)], dk.CONVERT_ASM, dk.MIN_SPLIT) == ((64, 4, 3, 8), not shipped[1], 96)
+            raise RuntimeError("inside")
+    assert (dk.CONFIGS[("int8", ba.D)], dk.CONVERT_ASM, dk.MIN_SPLIT) == shipped
+
+
 # -- scripts.bench_linear ---------------------------------------------------------------------------
 @pytest.mark.parametrize("args, says", [
     (["--model", "nope"], "known presets"),

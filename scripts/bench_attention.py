@@ -251,6 +251,22 @@ def write_sass(out_dir: str) -> None:
                     f.write(f"// {consts}\n" + get_sass(compiled.asm["cubin"]))
 
 
+def print_against_shipped(pairs, label, setting) -> None:
+    """The table of (row, entry) pairs: each entry timed with one setting changed (entry[setting],
+    the column `label`), against its row's time with the shipped settings."""
+    if not pairs:
+        return
+    print(f"\n| B | S | capacity | format | shipped ms | {label} | ms | x shipped | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r, e in pairs:
+        shipped = f"{r['ms']:.4f}" if "ms" in r else ""
+        head = f"| {r['B']} | {r['S']} | {r['capacity']} | {r['mode']} | {shipped} | {e[setting]} |"
+        if "ms" in e and "ms" in r:
+            print(f"{head} {e['ms']:.4f} | {e['ms'] / r['ms']:.2f} | {e['rel_err']:.1e} |")
+        else:
+            print(f"{head} error: {e.get('error', r.get('error', ''))[:60]} | | |")
+
+
 def parse_cases(text: str) -> list[tuple[int, int]]:
     try:
         cases = [tuple(int(x) for x in c.split("x")) for c in text.split(",")]
@@ -373,27 +389,9 @@ def main(argv=None):
         else:
             print(f"| {r['B']} | {r['S']} | {r['mode']} | error: {r['error'][:80]} |")
     split_rows = [(r, e) for r in rows for e in r.get("splits", [])]
-    if split_rows:
-        print(f"\n| B | S | capacity | format | MIN_SPLIT | ms | x shipped ({dk.MIN_SPLIT}) | rel err |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r, e in split_rows:
-            if "ms" in e and "ms" in r:
-                print(f"| {r['B']} | {r['S']} | {r['capacity']} | {r['mode']} | {e['min_split']} | {e['ms']:.4f} "
-                      f"| {e['ms'] / r['ms']:.2f} | {e['rel_err']:.1e} |")
-            else:
-                print(f"| {r['B']} | {r['S']} | {r['capacity']} | {r['mode']} | {e['min_split']} | "
-                      f"error: {e.get('error', r.get('error', ''))[:60]} | | |")
     variants = [(r, v) for r in rows for v in r.get("variants", [])]
-    if variants:
-        print("\n| B | S | format | shipped ms | flipped | ms | x shipped | rel err |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r, v in variants:
-            if "ms" in v and "ms" in r:
-                print(f"| {r['B']} | {r['S']} | {r['mode']} | {r['ms']:.4f} | {v['flipped']} | {v['ms']:.4f} "
-                      f"| {v['ms'] / r['ms']:.2f} | {v['rel_err']:.1e} |")
-            else:
-                error = v.get("error", r.get("error", ""))
-                print(f"| {r['B']} | {r['S']} | {r['mode']} | | {v['flipped']} | error: {error[:60]} | | |")
+    print_against_shipped(split_rows, "MIN_SPLIT", "min_split")
+    print_against_shipped(variants, "flipped", "flipped")
     if args.sass:
         write_sass(args.out)
     save()

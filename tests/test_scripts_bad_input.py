@@ -191,6 +191,22 @@ def test_bench_attention_switches_are_set_for_a_while():
     assert (dk.CONFIGS[("int8", ba.D)], dk.CONVERT_ASM, dk.MIN_SPLIT) == shipped
 
 
+def test_bench_attention_tables_against_shipped(capsys):
+    """--splits and --variants rows: time and ratio to the shipped row, or the error of either."""
+    from scripts import bench_attention as ba
+
+    shipped = {"B": 1, "S": 8192, "capacity": 131072, "mode": "int8", "ms": 0.02}
+    failed = {"B": 8, "S": 32768, "capacity": 32768, "mode": "int4", "error": "out of memory"}
+    ba.print_against_shipped([(shipped, {"min_split": 64, "ms": 0.015, "rel_err": 1e-3}),
+                              (failed, {"min_split": 64, "error": "out of memory"})], "MIN_SPLIT", "min_split")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "| MIN_SPLIT |" in lines[0] and len(lines) == 4
+    assert lines[2] == "| 1 | 8192 | 131072 | int8 | 0.0200 | 64 | 0.0150 | 0.75 | 1.0e-03 |"
+    assert lines[3].startswith("| 8 | 32768 | 32768 | int4 |  | 64 | error: out of memory")
+    ba.print_against_shipped([], "flipped", "flipped")
+    assert capsys.readouterr().out == ""
+
+
 # -- scripts.bench_linear ---------------------------------------------------------------------------
 @pytest.mark.parametrize("args, says", [
     (["--model", "nope"], "known presets"),

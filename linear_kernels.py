@@ -35,9 +35,9 @@ CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int, int, int, int]] = 
     ("int8", 6144, 4096, 16): (16, 64, 128, 4, 4, 4),
     ("int8", 4096, 4096, 1): (1, 8, 1024, 4, 3, 1),
     ("int8", 4096, 4096, 16): (16, 32, 128, 4, 4, 4),
-    ("int8", 14336, 4096, 1): (16, 32, 256, 4, 3, 1),
+    ("int8", 14336, 4096, 1): (1, 16, 256, 4, 1, 1),
     ("int8", 14336, 4096, 16): (16, 32, 256, 4, 3, 1),
-    ("int8", 4096, 14336, 1): (16, 32, 256, 4, 3, 4),
+    ("int8", 4096, 14336, 1): (1, 8, 1024, 4, 1, 1),
     ("int8", 4096, 14336, 16): (16, 32, 256, 4, 3, 4),
     ("int8", 128256, 4096, 1): (16, 128, 256, 4, 3, 1),
     ("int8", 128256, 4096, 16): (16, 128, 256, 4, 3, 1),
@@ -46,7 +46,7 @@ DECODE_ROWS = 16  # the most rows of a decode-sized call: one tensor-core dot's 
 # (weight kind, rows) -> the config for a shape the sweep did not see (tensor-parallel shards,
 # other models): of the configs the sweep timed on all of wqkv, wo, w1/w3 and w2 (three of them for
 # 16 rows), the one furthest from the best by the smallest margin: within 6% (bf16, batch 1), 13%
-# (bf16, 2-16 rows), 17% (int8, batch 1) and 6% (int8, 2-16 rows).
+# (bf16, 2-16 rows), 16% (int8, batch 1, PTX conversion) and 6% (int8, 2-16 rows).
 DEFAULT_CONFIGS = {
     ("bf16", 1): (1, 8, 512, 4, 1, 1),
     ("bf16", DECODE_ROWS): (16, 32, 128, 4, 3, 4),
@@ -54,6 +54,19 @@ DEFAULT_CONFIGS = {
     ("int8", DECODE_ROWS): (16, 32, 128, 4, 4, 4),
 }
 PREFILL_CONFIG = (64, 64, 64, 4, 3, 1)  # larger inputs (prefill of int8 weights)
+INT8_ASM = True  # batch-1 CUDA-core path: int8 codes converted with the PTX below (else plain casts)
+
+# Four int8 codes (one register) -> four fp32 2**23 + 128 + code: the sign bit flipped (code + 128
+# as a byte), then each byte placed under the exponent of 2**23 by one PRMT. One integer op per
+# code where a cast is a quarter-rate conversion; the kernel subtracts 2**23 + 128 (exact).
+_INT8_TO_F32_ASM = tl.constexpr("""{
+.reg .b32 t;
+xor.b32 t, $4, 0x80808080;
+prmt.b32 $0, t, 0x4B000000, 0x7440;
+prmt.b32 $1, t, 0x4B000000, 0x7441;
+prmt.b32 $2, t, 0x4B000000, 0x7442;
+prmt.b32 $3, t, 0x4B000000, 0x7443;
+}""")
 
 
 
@@ -75,7 +88,7 @@ def _load_tiles(x_ptrs, w_ptrs, ks, k0, K, row_ok, col_ok, EVEN_N: tl.constexpr,
 def linear_kernel(
     X, W, SCALE, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ys, stride_ym, k_per_split,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT_ASM: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] block of y over the K range [pid_k * k_per_split, + k_per_split):
     written to Y[pid_k] (fp32 partial sums when K is split, the output itself when not)."""
@@ -93,7 +106,12 @@ def linear_kernel(
         acc_nk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, k_per_split, BLOCK_K):
             x, w = _load_tiles(x_ptrs, w_ptrs, ks, k0, K, row_ok, col_ok, EVEN_N, EVEN_K)
-            acc_nk += w.to(tl.float32) * x.to(tl.float32)  # [BLOCK_N, BLOCK_K] * [1, BLOCK_K]
+            if CONVERT_ASM:
+                wf = tl.inline_asm_elementwise(_INT8_TO_F32_ASM, "=r,=r,=r,=r,r", [w], dtype=tl.float32,
+                                               is_pure=True, pack=4) - 8388736.0
+            else:
+                wf = w.to(tl.float32)
+            acc_nk += wf * x.to(tl.float32)  # [BLOCK_N, BLOCK_K] * [1, BLOCK_K]
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         acc = tl.sum(acc_nk, axis=1)[None, :]  # [1, BLOCK_N]
@@ -144,6 +162,6 @@ def triton_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
         x.stride(0), weight.stride(0), y.stride(0), y.stride(1), k_per_split,
         HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, EVEN_N=n % block_n == 0,
         EVEN_K=k % k_per_split == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages,
+        CONVERT_ASM=INT8_ASM and weight.dtype == torch.int8 and x.is_cuda, num_warps=warps, num_stages=stages,
     )
     return y[0] if split == 1 else y.sum(0).to(x.dtype)

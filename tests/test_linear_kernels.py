@@ -108,3 +108,25 @@ def test_kernel_on_gpu_with_committed_configs(kind, m):
             w, scales = (torch.randn(n, k, device="cuda", generator=g) * 0.05).to(torch.bfloat16), None
         out = linear_op.linear(x, w, scales)
         assert rel_err(out, reference(x, w, scales, None)) < BF16_TOL, (kind, m, n, k, lk.config(w, m))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inline PTX; the interpreter runs the casts)")
+@pytest.mark.parametrize("config", [(1, 8, 512, 4, 3, 1), (1, 32, 256, 8, 1, 2), (1, 16, 128, 4, 3, 1)])
+def test_int8_ptx_conversion_equals_the_casts(monkeypatch, config):
+    """The batch-1 CUDA-core path's PTX conversion (linear_kernels.INT8_ASM) gives the very codes
+    the plain casts give, so the outputs are bit-identical; every code, -128 included, with N and
+    K the blocks do not divide."""
+    import linear_kernels as lk
+
+    g = torch.Generator(device="cuda").manual_seed(sum(config))
+    for n, k in [(6144, 4096), (200, 1000)]:
+        x = torch.randn(1, k, device="cuda", generator=g).to(torch.bfloat16)
+        w = torch.randint(-128, 128, (n, k), device="cuda", generator=g, dtype=torch.int8)
+        scales = (torch.rand(n, device="cuda", generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
+        monkeypatch.setitem(lk.CONFIGS, ("int8", n, k, 1), config)
+        monkeypatch.setattr(lk, "INT8_ASM", True)
+        ptx = lk.triton_linear(x, w, scales, None)
+        monkeypatch.setattr(lk, "INT8_ASM", False)
+        casts = lk.triton_linear(x, w, scales, None)
+        assert torch.equal(ptx, casts), (n, k)
+        assert rel_err(ptx, reference(x, w, scales, None)) < BF16_TOL

@@ -52,7 +52,7 @@ MODE_BITS = {"int8": (8, None), "fp8": ("fp8", None), "int4": (4, KIVI_GROUPS[4]
 MODE_FORMAT = {"bf16": "exact"}  # else the mode is the format
 # What --splits sets decode_kernels.MIN_SPLIT to (tokens per split at least; the split count is
 # also capped by the config's waves), at every case.
-SPLIT_SWEEP = (64, 128, 256, 512, 1024)
+SPLIT_SWEEP = (256, 512, 1024, 2048, 4096)
 # What --variants flips per format, one at a time (module switches of decode_kernels).
 VARIANTS = {"int8": ("CONVERT_ASM",), "fp8": ("CONVERT_ASM",),
             **{m: ("KIVI_PREFETCH", "KIVI_F16", "KIVI_ASM") for m in ("int4", "int2")}}

@@ -250,6 +250,47 @@ def test_kernels_interpreted_with_nothing_valid(triton_interpreter, bits):
     assert torch.equal(ref, torch.zeros_like(ref)) and torch.equal(out, ref)
 
 
+def test_split_plan():
+    """The static split counts (plan_splits, llama-3-8b's 8 KV heads, an H200's 132 SMs): at
+    least MIN_SPLIT tokens of capacity per split, unless that leaves the GPU under
+    FILL_WARPS_PER_SM warps per SM; never more than the waves' target, never less than a tile."""
+    from decode_kernels import FILL_WARPS_PER_SM, MIN_SPLIT, plan_splits
+
+    assert (MIN_SPLIT, FILL_WARPS_PER_SM) == (1024, 4)  # the values the figures below assume
+    # int8 (one-warp programs, 16 waves), batch 1: a 128K body gets 128 splits of 1024 tokens
+    # (the waves' target is 264), the 49 exact slots behind it one.
+    assert plan_splits(8, [131072, 49], [32, 64], 1, 132, 16) == [128, 1]
+    # batch 1, an 8K body: 1024-token splits would be 8 programs per KV head, 64 one-warp
+    # programs on 132 SMs; the fill rule cuts 8K into 66 splits of ~125 tokens (528 warps in all).
+    assert plan_splits(8, [8192, 49], [32, 64], 1, 132, 16) == [66, 1]
+    # batch 8 / 32K: the waves' target (33) and MIN_SPLIT (32) agree.
+    assert plan_splits(64, [32768, 49], [32, 64], 1, 132, 16) == [32, 1]
+    # bf16 (four-warp programs, 8 waves): batch 1 / 128K 128 splits, batch 8 / 32K the target 17.
+    assert plan_splits(8, [131072], [64], 4, 132, 8) == [128]
+    assert plan_splits(64, [32768], [64], 4, 132, 8) == [17]
+    # A few tokens: one tile per split at the least.
+    assert plan_splits(8, [64], [32], 1, 132, 16) == [2]
+
+
+@interp
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_many_splits_for_a_short_length_interpreted(triton_interpreter, monkeypatch, bits):
+    """A grid planned for many more splits than the current length fills (the cache sized for
+    more than it holds, as in the decode step): the splits cut the length, those past it stay
+    empty, and the combine skips them."""
+    import decode_kernels
+    from decode_kernels import flash_decode
+
+    monkeypatch.setattr(decode_kernels, "MIN_SPLIT", 32)  # 16 one-tile splits planned for 512 tokens
+    monkeypatch.setattr(decode_kernels, "FILL_WARPS_PER_SM", 0)
+    q, k, v, el, mask, body, bl = _case(21, 1, 2, 4, 128, 512, 45, False, bits, 32 if bits == 4 else 1, 512, 301,
+                                        torch.float32)
+    ref = decode_attention_reference(q, k, v, el, mask, body, bl)
+    out = torch.full_like(q, float("nan"))
+    flash_decode(q, k, v, el, None, body, bl, q.shape[-1] ** -0.5, out=out)
+    assert rel_err(out, ref) < 1e-2
+
+
 KIVI_TILES = [
     # bits, (key group, value group), (BLOCK_N, num_warps): the shipped groups with the tiles the
     # benchmark sweeps (one-warp 32 and 64, four-warp 128), and groups wider than a plane
@@ -290,6 +331,7 @@ def _check_kivi_tiles(monkeypatch, kivi, f16, prefetch, device):
     monkeypatch.setattr(decode_kernels, "KIVI_F16", f16)
     monkeypatch.setattr(decode_kernels, "KIVI_PREFETCH", prefetch)
     monkeypatch.setattr(decode_kernels, "MIN_SPLIT", 192)
+    monkeypatch.setattr(decode_kernels, "FILL_WARPS_PER_SM", 0)  # splits of MIN_SPLIT, however few
     monkeypatch.setattr(decode_kernels, "_sm_count", lambda device: 132)  # the same splits on every GPU
     gen = torch.Generator().manual_seed(KIVI_TILES.index(kivi))
     q = torch.randn(1, 8, D, generator=gen).to(device, torch.bfloat16)

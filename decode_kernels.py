@@ -59,6 +59,7 @@ KIVI_F16 = True  # KIVI codes dequantized into fp16 with one FMA per code pair (
 KIVI_PREFETCH = True  # KIVI scales and zeros loaded one tile ahead (else where they are used)
 MIN_SPLIT = 1024  # tokens of capacity per split at least (plan_splits) ...
 FILL_WARPS_PER_SM = 4  # ... unless that leaves the grid fewer warps than this per SM
+COMBINE_BLOCK_D = 32  # channels per combine program
 INT8_OFFSET = 1152.0  # 1024 (the fp16 exponent the bytes sit under) + 128 (the flipped sign bit)
 INT8_OFFSET_T = tl.constexpr(INT8_OFFSET)  # the kernels read it as a global
 
@@ -222,13 +223,15 @@ def token_partial_kernel(
 
 
 @triton.jit
-def combine_kernel(O, LSE, so_bh, so_s, sl_bh, OUT, sout_b, sout_h, Hq, S, S_PAD: tl.constexpr, D: tl.constexpr):
-    """out [B, Hq, D] = the splits' outputs weighted by their share of the softmax mass."""
+def combine_kernel(O, LSE, so_bh, so_s, sl_bh, OUT, sout_b, sout_h, Hq, S, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out [B, Hq, D] = the splits' outputs weighted by their share of the softmax mass, one
+    program per (query head, BLOCK_D channels): at batch 1 the 32 heads alone would leave most
+    SMs idle while each program's loads wait on its lse."""
     bh = tl.program_id(0)
     b = bh // Hq
     hq = bh % Hq
     offs_s = tl.arange(0, S_PAD)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     lse = tl.load(LSE + bh * sl_bh + offs_s, mask=offs_s < S, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -329,8 +332,9 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
     if out is None:
         out = torch.empty_like(q)
     s_pad = triton.next_power_of_2(sum(splits))
-    combine_kernel[(B * Hq,)](
+    block_d = min(D, COMBINE_BLOCK_D)
+    combine_kernel[(B * Hq, D // block_d)](
         o_part, lse, o_part.stride(1), o_part.stride(2), lse.stride(1), out, out.stride(0), out.stride(1), Hq, sum(splits),
-        S_PAD=s_pad, D=D, num_warps=min(16, max(4, s_pad * D // 2048)),  # <= 64 fp32 of the tile per thread
+        S_PAD=s_pad, BLOCK_D=block_d, num_warps=min(8, max(1, s_pad * block_d // 2048)),  # <= 64 fp32 of the tile per thread
     )
     return out

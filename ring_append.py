@@ -118,8 +118,12 @@ def _kernel():
         bh = tl.program_id(0)
         b = bh // Hkv
         h = bh % Hkv
+        # Every load before the first store: the compiler cannot reorder a load past a store that
+        # may alias it, so loads written between the stores would be serial memory round trips.
         pos = tl.load(POS)
         offs = tl.arange(0, D)
+        k_new = tl.load(K + b * skb + h * skh + offs)
+        v_new = tl.load(V + b * svb + h * svh + offs)
         if HAS_BODY and BITS == 8:
             leaving = pos - window
             if leaving >= sink:
@@ -128,8 +132,9 @@ def _kernel():
                 src = b * seb + h * seh + (sink + (leaving - sink) % ring) * sen
                 row = leaving - sink
                 QMAX: tl.constexpr = 448.0 if FP8 else 127.0  # kv_quant.FP8_MAX, INT8_MAX
+                xk, xv = tl.load(EK + src + offs), tl.load(EV + src + offs)
                 for i in tl.static_range(2):
-                    x = tl.load((EK if i == 0 else EV) + src + offs).to(tl.float32)
+                    x = (xk if i == 0 else xv).to(tl.float32)
                     scale_ptr = (KS + b * kpb + h * kph + row * kpn) if i == 0 else (VS + b * vpb + h * vph + row * vpn)
                     absmax = tl.max(tl.abs(x), axis=0)
                     s = (absmax * (1.0 / QMAX)).to(scale_ptr.dtype.element_ty)
@@ -160,16 +165,16 @@ def _kernel():
                 # the planes of kv_quant.pack_codes along axis 1.
                 ch = tl.arange(0, 8 // BITS)[:, None] * W + byte[None, :]  # [planes, W]
                 x = tl.load(EK + src[:, None, None] + ch[None, :, :]).to(tl.float32)  # [G, planes, W]
+                # Values, per token over groups of VG channels: xv[t, g, i] = channel g * VG + i.
+                grp = tl.arange(0, D // VG)
+                xv = tl.load(EV + src[:, None, None] + (grp[:, None] * VG + tl.arange(0, VG)[None, :])[None, :, :])
                 lo, hi = tl.min(x, axis=0, keep_dims=True), tl.max(x, axis=0, keep_dims=True)  # [1, planes, W]
                 c, s, z = _asymmetric(x, lo, hi, KS.dtype.element_ty, BITS, SCALE_BITS)
                 tl.store(KC + dst[:, None] + byte[None, :], _pack(c, BITS))
                 par = b * kpb + h * kph + j * kpn + ch[None, :, :]
                 tl.store(KS + par, s)
                 tl.store(KZ + par, z)
-                # Values, per token over groups of VG channels: x[t, g, i] = channel g * VG + i.
-                grp = tl.arange(0, D // VG)
-                x = tl.load(EV + src[:, None, None] + (grp[:, None] * VG + tl.arange(0, VG)[None, :])[None, :, :])
-                x = x.to(tl.float32)
+                x = xv.to(tl.float32)
                 lo, hi = tl.min(x, axis=2, keep_dims=True), tl.max(x, axis=2, keep_dims=True)  # [G, D / VG, 1]
                 c, s, z = _asymmetric(x, lo, hi, VS.dtype.element_ty, BITS, SCALE_BITS)
                 c = tl.reshape(c, (G, 8 // BITS, W))  # channel order [G, D], split into planes
@@ -181,8 +186,8 @@ def _kernel():
             tl.debug_barrier()  # every thread has read the leaving rows before one is overwritten
         slot = tl.where(pos < sink, pos, sink + (pos - sink) % ring)
         dst = b * seb + h * seh + slot * sen
-        tl.store(EK + dst + offs, tl.load(K + b * skb + h * skh + offs))
-        tl.store(EV + dst + offs, tl.load(V + b * svb + h * svh + offs))
+        tl.store(EK + dst + offs, k_new)
+        tl.store(EV + dst + offs, v_new)
         if bh == 0:
             past = tl.maximum(pos - sink - window + 1, 0)
             evicted = (past // G) * G

@@ -50,8 +50,9 @@ RESIDUAL = 64  # exact slots after a quantized body (valid of 128)
 # mode -> (bits, (key group, value group)): the KIVI modes with their shipped groups.
 MODE_BITS = {"int8": (8, None), "fp8": ("fp8", None), "int4": (4, KIVI_GROUPS[4]), "int2": (2, KIVI_GROUPS[2])}
 MODE_FORMAT = {"bf16": "exact"}  # else the mode is the format
-# What --splits sets decode_kernels.MIN_SPLIT to (tokens per split at least; the split count is
-# also capped by the config's waves), at every case.
+# What --splits sets decode_kernels.MIN_SPLIT to (tokens of capacity per split at least, shipped
+# 1024; the split count is also capped by the config's waves and raised by the fill rule of
+# plan_splits), at every case.
 SPLIT_SWEEP = (256, 512, 1024, 2048, 4096)
 # What --variants flips per format, one at a time (module switches of decode_kernels).
 VARIANTS = {"int8": ("CONVERT_ASM",), "fp8": ("CONVERT_ASM",),

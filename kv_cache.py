@@ -1,9 +1,12 @@
 """The KV-cache interface and the full (uncompressed) cache.
 
-A cache is an nn.Module whose buffers are all allocated in __init__. Attention calls
+A cache is an nn.Module whose buffers are all allocated in __init__. Its two calls are
     cache.update(input_pos, k, v)   # k, v: [B, H_kv, T, D], RoPE already applied to k
     y = cache.attend(q, input_pos)  # q: [B, H_q, T, D] -> y: [B, H_q, T, D]
 with input_pos [T] the (contiguous, shared across the batch) positions of the new tokens.
+Attention reaches update through rotate_and_update, which applies RoPE to q and k first: the
+caches here do both in one kernel on a decode step (ring_append.py), others rotate in PyTorch
+and call update.
 Neither call may sync with the host or change a shape on the decode path (T == 1), so the
 decode step captures as a CUDA graph; validity is a length or a mask computed from input_pos.
 """
@@ -12,7 +15,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+import ring_append
 from decode_attention import attention_reference, decode_attention
+from rope import apply_rotary_emb
 
 
 class KVCache(nn.Module):
@@ -28,6 +33,15 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def rotate_and_update(self, input_pos: torch.Tensor, freqs_cis: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor) -> torch.Tensor:
+        """RoPE on q [B, H_q, T, D] and k [B, H_kv, T, D] (freqs_cis: input_pos's rows [T, D/2, 2]),
+        then update(input_pos, k, v); returns q rotated."""
+        q = apply_rotary_emb(q.transpose(1, 2), freqs_cis).transpose(1, 2)
+        k = apply_rotary_emb(k.transpose(1, 2), freqs_cis).transpose(1, 2)
+        self.update(input_pos, k, v)
+        return q
 
     def attend(self, q: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -58,6 +72,14 @@ class FullCache(KVCache):
         shape = (batch_size, n_kv_heads, max_seq_length, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def rotate_and_update(self, input_pos, freqs_cis, q, k, v):
+        if not self.kernel_step(k):
+            return super().rotate_and_update(input_pos, freqs_cis, q, k, v)
+        bsz = k.shape[0]
+        q = ring_append.rotate_and_write(input_pos, q[:, :, 0], k[:, :, 0], v[:, :, 0], freqs_cis,
+                                         batch_rows(self.k_cache, bsz), batch_rows(self.v_cache, bsz))
+        return q[:, :, None]
 
     def update(self, input_pos, k, v):
         batch_rows(self.k_cache, k.shape[0]).index_copy_(2, input_pos, k)

@@ -1,8 +1,9 @@
 """A hand-written Llama-architecture transformer (Llama 2/3, Mistral, Qwen2.5, SmolLM2).
 
 The network knows nothing about KV-cache strategies: each Attention owns one cache object and
-calls `cache.update(input_pos, k, v)` then `cache.attend(q, input_pos)`. Everything a strategy
-changes lives behind those two calls (kv_cache.py, compress_kv.py, quantize_kv.py).
+calls `cache.rotate_and_update(input_pos, freqs_cis, q, k, v)` (RoPE on q and k, then
+`cache.update(input_pos, k, v)`; a cache may fuse the two) then `cache.attend(q, input_pos)`.
+Everything a strategy changes lives behind those calls (kv_cache.py, compress_kv.py, quantize_kv.py).
 """
 import math
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 import linear_op
 from profiling import profiler_range
-from rope import apply_rotary_emb, precompute_freqs_cis
+from rope import precompute_freqs_cis
 
 
 @dataclass
@@ -167,11 +168,9 @@ class Attention(nn.Module):
         q = q.view(bsz, seqlen, self.n_head, self.head_dim)
         k = k.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        q = apply_rotary_emb(q, freqs_cis)
-        k = apply_rotary_emb(k, freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
 
-        self.kv_cache.update(input_pos, k, v)
+        q = self.kv_cache.rotate_and_update(input_pos, freqs_cis, q, k, v)  # RoPE on q and k, then update
         with profiler_range("kv_attend"):
             y = self.kv_cache.attend(q, input_pos)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(bsz, seqlen, self.n_head * self.head_dim)

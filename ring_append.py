@@ -1,6 +1,9 @@
-"""One decode step's write into a sink + ring cache (sink_window.py), as one kernel per layer.
+"""One decode step's write into a sink + ring cache (sink_window.py), as one kernel per layer; the
+same kernel writes the full cache's decode step (rotate_and_write: RoPE, then the token at slot
+= position).
 
-A decode step of compress_kv or quantize_kv writes the new token into its exact slot and, for
+A decode step of compress_kv or quantize_kv writes the new token into its exact slot (applying
+RoPE to it and to the step's queries on the way, when called as rotate_and_append) and, for
 quantize_kv, first quantizes into the body what leaves the window at this step: int8, the one
 token that leaves (evict_block 1); KIVI (bits 4/2, evict_block = the key group G), once every G
 steps, the group whose last token leaves. In PyTorch that is a gather, the reductions and the
@@ -25,17 +28,23 @@ import torch
 
 import kv_quant
 from ring_layout import n_evicted, slot_of, slot_positions
+from rope import apply_rotary_emb
 
 
-def ring_append_reference(pos, k, v, exact_k, exact_v, sink, window, evict_block,
+def ring_append_reference(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evict_block,
                           k_codes=None, k_scale=None, k_zero=None, v_codes=None, v_scale=None, v_zero=None, bits=8,
                           fp8=False, value_group=0):
-    """PyTorch definition (in place on the buffers). pos: [1]; k, v: [B, Hkv, D] (RoPE applied);
-    exact_k/v: [B, Hkv, sink + ring + 1, D]; the body, if any, laid out as in
-    kv_quant.QuantizedBody (zeros None for int8 and fp8). Returns (exact slot valid [N] bool,
-    body length [1])."""
+    """PyTorch definition (in place on the buffers). pos: [1]; k, v: [B, Hkv, D]; exact_k/v:
+    [B, Hkv, sink + ring + 1, D]; the body, if any, laid out as in kv_quant.QuantizedBody (zeros
+    None for int8 and fp8). With freqs (pos's RoPE rows [1, D/2, 2]) q [B, Hq, D] and k come
+    unrotated and are rotated here; without, k comes rotated and q is None. Returns (q rotated
+    [B, Hq, D] or an empty tensor without freqs, exact slot valid [N] bool, body length [1])."""
     p = pos.reshape(())
     ring = window + evict_block - 1
+    q_rot = k.new_empty(0)
+    if freqs is not None:
+        q_rot = apply_rotary_emb(q[:, None], freqs)[:, 0]
+        k = apply_rotary_emb(k[:, None], freqs)[:, 0]
     if k_codes is not None:
         _quantize_leaving_block(p, exact_k, exact_v, sink, window, evict_block, value_group, bits, fp8,
                                 (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero))
@@ -43,7 +52,7 @@ def ring_append_reference(pos, k, v, exact_k, exact_v, sink, window, evict_block
     exact_k[:, :, slot] = k
     exact_v[:, :, slot] = v
     held = slot_positions(p, exact_k.shape[2], sink, window, evict_block)
-    return held >= 0, n_evicted(pos, sink, window, evict_block)
+    return q_rot, held >= 0, n_evicted(pos, sink, window, evict_block)
 
 
 def _quantize_leaving_block(p, exact_k, exact_v, sink, window, g, value_group, bits, fp8, body):
@@ -105,6 +114,7 @@ def _kernel():
     @triton.jit
     def _ring_append_kernel(
         POS, K, skb, skh, V, svb, svh,  # new token [B, Hkv, D]
+        Q, sqb, sqh, QO, F,  # ROPE: query [B, Hq, D], its rotated copy (contiguous), RoPE rows [D/2, 2]
         EK, EV, seb, seh, sen,  # exact slots [B, Hkv, N, D] (k and v alike)
         KC, VC, scb, sch, scn,  # codes [B, Hkv, L, D] int8 or [B, Hkv, L, D * BITS / 8] packed (k and v alike)
         KS, KZ, kpb, kph, kpn,  # key scale [B, Hkv, L, 1] int8; key scale and zero [B, Hkv, L / G, D] KIVI
@@ -113,8 +123,11 @@ def _kernel():
         Hkv, N, sink, window, ring,
         D: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, HAS_BODY: tl.constexpr, BITS: tl.constexpr,
         SCALE_BITS: tl.constexpr,
-        N_PAD: tl.constexpr, FP8: tl.constexpr,
+        N_PAD: tl.constexpr, FP8: tl.constexpr, ROPE: tl.constexpr, N_REP: tl.constexpr, N_REP_PAD: tl.constexpr,
+        RING: tl.constexpr,
     ):
+        """RING: a sink + ring cache (slots, eviction, validity as above); else a full cache, the
+        token at slot `pos` and nothing else written."""
         bh = tl.program_id(0)
         b = bh // Hkv
         h = bh % Hkv
@@ -122,8 +135,22 @@ def _kernel():
         # may alias it, so loads written between the stores would be serial memory round trips.
         pos = tl.load(POS)
         offs = tl.arange(0, D)
-        k_new = tl.load(K + b * skb + h * skh + offs)
+        pair = 2 * tl.arange(0, D // 2)  # the even channel of each RoPE pair (2i, 2i + 1)
+        k_even = tl.load(K + b * skb + h * skh + pair)
+        k_odd = tl.load(K + b * skb + h * skh + pair + 1)
         v_new = tl.load(V + b * svb + h * svh + offs)
+        if ROPE:
+            # rope.apply_rotary_emb in fp32, products and differences rounded one by one (no
+            # contraction: enable_fp_fusion=False), as PyTorch computes it: bit for bit.
+            cos, sin = tl.load(F + pair), tl.load(F + pair + 1)
+            x0, x1 = k_even.to(tl.float32), k_odd.to(tl.float32)
+            k_even = (x0 * cos - x1 * sin).to(k_even.dtype)
+            k_odd = (x1 * cos + x0 * sin).to(k_odd.dtype)
+            rep = tl.arange(0, N_REP_PAD)[:, None]
+            q_rows = b * sqb + (h * N_REP + rep) * sqh + pair[None, :]  # [N_REP_PAD, D/2], this kv head's queries
+            q_ok = rep < N_REP
+            q0 = tl.load(Q + q_rows, mask=q_ok).to(tl.float32)
+            q1 = tl.load(Q + q_rows + 1, mask=q_ok).to(tl.float32)
         if HAS_BODY and BITS == 8:
             leaving = pos - window
             if leaving >= sink:
@@ -184,11 +211,19 @@ def _kernel():
                 tl.store(VZ + par, z)
         if HAS_BODY:
             tl.debug_barrier()  # every thread has read the leaving rows before one is overwritten
-        slot = tl.where(pos < sink, pos, sink + (pos - sink) % ring)
+        if RING:
+            slot = tl.where(pos < sink, pos, sink + (pos - sink) % ring)
+        else:
+            slot = pos
         dst = b * seb + h * seh + slot * sen
-        tl.store(EK + dst + offs, k_new)
+        tl.store(EK + dst + pair, k_even)
+        tl.store(EK + dst + pair + 1, k_odd)
         tl.store(EV + dst + offs, v_new)
-        if bh == 0:
+        if ROPE:
+            q_out = b * Hkv * N_REP * D + (h * N_REP + rep) * D + pair[None, :]
+            tl.store(QO + q_out, (q0 * cos[None, :] - q1 * sin[None, :]).to(QO.dtype.element_ty), mask=q_ok)
+            tl.store(QO + q_out + 1, (q1 * cos[None, :] + q0 * sin[None, :]).to(QO.dtype.element_ty), mask=q_ok)
+        if RING and bh == 0:
             past = tl.maximum(pos - sink - window + 1, 0)
             evicted = (past // G) * G
             tl.store(BODY_LEN, evicted)
@@ -200,13 +235,21 @@ def _kernel():
     return triton, _ring_append_kernel
 
 
-def _ring_append_triton(pos, k, v, exact_k, exact_v, sink, window, evict_block,
-                        k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, fp8, value_group):
+def _ring_append_triton(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evict_block,
+                        k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, fp8, value_group, ring=True):
+    """The kernel's launch; ring=False writes a full cache (exact_k/v its k/v cache, slot = pos,
+    no body, empty validity outputs)."""
     triton, kernel = _kernel()
     B, Hkv, N, D = exact_k.shape
-    k, v = (x if x.stride(2) == 1 else x.contiguous() for x in (k, v))  # layouts inductor chose
-    valid = torch.empty(N, dtype=torch.bool, device=k.device)
-    body_len = torch.empty_like(pos)
+    rope = freqs is not None
+    if not rope:  # unused pointers
+        q = freqs = k
+    q, k, v = (x if x.stride(2) == 1 else x.contiguous() for x in (q, k, v))  # layouts inductor chose
+    n_rep = q.shape[1] // Hkv
+    q_rot = torch.empty(q.shape if rope else 0, dtype=q.dtype, device=q.device)
+    freqs = freqs.contiguous()
+    valid = torch.empty(N if ring else 0, dtype=torch.bool, device=k.device)
+    body_len = torch.empty_like(pos if ring else valid)
     has_body = k_codes is not None
     if not has_body:  # unused pointers
         k_codes = k_scale = k_zero = v_codes = v_scale = v_zero = exact_k
@@ -214,6 +257,7 @@ def _ring_append_triton(pos, k, v, exact_k, exact_v, sink, window, evict_block,
         k_zero, v_zero = k_scale, v_scale
     kernel[(B * Hkv,)](
         pos, k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
+        q, q.stride(0), q.stride(1), q_rot, freqs,
         exact_k, exact_v, *exact_k.stride()[:3],
         k_codes, v_codes, *k_codes.stride()[:3],
         k_scale, k_zero, *k_scale.stride()[:3],
@@ -221,42 +265,105 @@ def _ring_append_triton(pos, k, v, exact_k, exact_v, sink, window, evict_block,
         valid.view(torch.uint8), body_len,
         Hkv, N, sink, window, window + evict_block - 1,
         D=D, G=evict_block, VG=max(value_group, 1), HAS_BODY=has_body, BITS=bits, SCALE_BITS=k_scale.element_size() * 8,
-        N_PAD=triton.next_power_of_2(N), FP8=fp8,
+        N_PAD=triton.next_power_of_2(N) if ring else 1, FP8=fp8, ROPE=rope, N_REP=n_rep,
+        N_REP_PAD=triton.next_power_of_2(n_rep), RING=ring,
         num_warps=(8 if evict_block >= 64 else 4) if has_body and bits != 8 else 1,  # a KIVI group is a [G, D] tile
-        # No multiply-add contraction: zero + scale * qmax must round twice, as in PyTorch.
+        # No multiply-add contraction: zero + scale * qmax, and RoPE's products and sums, must
+        # round one by one, as in PyTorch.
         enable_fp_fusion=False,
     )
-    return valid, body_len
+    return q_rot, valid, body_len
 
 
 @torch.library.custom_op(
     "kvcache::ring_append", mutates_args=("exact_k", "exact_v", "k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"))
 def _ring_append_op(
-    pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, exact_k: torch.Tensor, exact_v: torch.Tensor,
-    sink: int, window: int, evict_block: int,
+    pos: torch.Tensor, q: Optional[torch.Tensor], k: torch.Tensor, v: torch.Tensor, freqs: Optional[torch.Tensor],
+    exact_k: torch.Tensor, exact_v: torch.Tensor, sink: int, window: int, evict_block: int,
     k_codes: Optional[torch.Tensor], k_scale: Optional[torch.Tensor], k_zero: Optional[torch.Tensor],
     v_codes: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], v_zero: Optional[torch.Tensor], bits: int,
     fp8: bool, value_group: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Triton converts to e4m3 with the hardware's cvt, which an A100 (sm_80) does not have: there
     # the fp8 write takes the PyTorch path (device ops only, so it still captures in a CUDA graph).
     kernel = k.is_cuda and not (fp8 and torch.cuda.get_device_capability(k.device) < (8, 9))
     fn = _ring_append_triton if kernel else ring_append_reference
-    return fn(pos, k, v, exact_k, exact_v, sink, window, evict_block, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
-              bits, fp8, value_group)
+    return fn(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evict_block, k_codes, k_scale, k_zero, v_codes,
+              v_scale, v_zero, bits, fp8, value_group)
 
 
 @_ring_append_op.register_fake
-def _(pos, k, v, exact_k, exact_v, sink, window, evict_block, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits,
-      fp8, value_group):
-    return exact_k.new_empty(exact_k.shape[2], dtype=torch.bool), torch.empty_like(pos)
+def _(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evict_block, k_codes, k_scale, k_zero, v_codes, v_scale,
+      v_zero, bits, fp8, value_group):
+    q_rot = k.new_empty(0) if freqs is None else torch.empty_like(q, memory_format=torch.contiguous_format)
+    return q_rot, exact_k.new_empty(exact_k.shape[2], dtype=torch.bool), torch.empty_like(pos)
 
 
 def ring_append(pos, k, v, exact_k, exact_v, sink, window, evict_block, body=None):
-    """Write one new token per sequence (k, v [B, Hkv, D]) at position `pos` ([1], on the device)
-    into the exact slots; with body (a kv_quant.QuantizedBody whose buffers it writes), first
-    quantize what leaves the window at this step: the leaving token (int8/fp8, evict_block 1) or
-    the key group it completes (KIVI, evict_block = key_group). Returns (valid [N] bool, body_len [1])."""
+    """Write one new token per sequence (k, v [B, Hkv, D], RoPE applied to k) at position `pos`
+    ([1], on the device) into the exact slots; with body (a kv_quant.QuantizedBody whose buffers
+    it writes), first quantize what leaves the window at this step: the leaving token (int8/fp8,
+    evict_block 1) or the key group it completes (KIVI, evict_block = key_group). Returns
+    (valid [N] bool, body_len [1])."""
+    _, valid, body_len = _checked_op(pos, None, k, v, None, exact_k, exact_v, sink, window, evict_block, body)
+    return valid, body_len
+
+
+def rotate_and_append(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evict_block, body=None):
+    """ring_append of k and v with RoPE applied in the same kernel, to k and to q [B, Hq, D]
+    (unrotated both, freqs pos's rows [1, D/2, 2] of the RoPE table): one launch where the
+    rotations would be two more. Returns (q rotated [B, Hq, D], valid [N] bool, body_len [1])."""
+    _check_rope(q, k, freqs)
+    return _checked_op(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evict_block, body)
+
+
+def rotate_and_write_reference(pos, q, k, v, freqs, k_cache, v_cache):
+    """A full cache's decode-step write in PyTorch (in place): RoPE on q [B, Hq, D] and k
+    [B, Hkv, D] (freqs: pos's rows [1, D/2, 2]), k and v stored at slot pos of k_cache/v_cache
+    [B, Hkv, L, D]. Returns q rotated."""
+    p = pos.reshape(())
+    k_cache[:, :, p] = apply_rotary_emb(k[:, None], freqs)[:, 0]
+    v_cache[:, :, p] = v
+    return apply_rotary_emb(q[:, None], freqs)[:, 0]
+
+
+@torch.library.custom_op("kvcache::rotate_and_write", mutates_args=("k_cache", "v_cache"))
+def _rotate_and_write_op(pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    if not k.is_cuda:
+        return rotate_and_write_reference(pos, q, k, v, freqs, k_cache, v_cache)
+    return _ring_append_triton(pos, q, k, v, freqs, k_cache, v_cache, 0, 0, 1, *(None,) * 6, 8, False, 0, ring=False)[0]
+
+
+@_rotate_and_write_op.register_fake
+def _(pos, q, k, v, freqs, k_cache, v_cache):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def rotate_and_write(pos, q, k, v, freqs, k_cache, v_cache):
+    """A full cache's decode-step write as one kernel: rotate_and_append's RoPE on q and k, then k
+    and v [B, Hkv, D] stored at slot pos ([1], on the device) of k_cache/v_cache [B, Hkv, L, D].
+    Returns q rotated [B, Hq, D]."""
+    _check_rope(q, k, freqs)
+    B, Hkv, _, D = k_cache.shape
+    if k.shape != (B, Hkv, D) or v.shape != k.shape:
+        raise ValueError(f"rotate_and_write: k, v must be [{B}, {Hkv}, {D}], got {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.is_cuda and (k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride() or D & (D - 1)):
+        raise ValueError("rotate_and_write: the kernel needs k/v caches alike with contiguous rows, and a power-of-two "
+                         "head dim")
+    return _rotate_and_write_op(pos, q, k, v, freqs, k_cache, v_cache)
+
+
+def _check_rope(q, k, freqs):
+    if q.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"RoPE in the cache write: q {tuple(q.shape)} must be [B, Hq, D] with Hq a multiple of k's "
+                         f"heads, k {tuple(k.shape)}")
+    if freqs.shape != (1, k.shape[2] // 2, 2) or freqs.dtype != torch.float32:
+        raise ValueError(f"RoPE in the cache write: freqs must be one position's fp32 rows [1, {k.shape[2] // 2}, 2], "
+                         f"got {tuple(freqs.shape)} {freqs.dtype}")
+
+
+def _checked_op(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evict_block, body):
     B, Hkv, N, D = exact_k.shape
     if k.shape != (B, Hkv, D) or v.shape != k.shape:
         raise ValueError(f"ring_append: k, v must be [{B}, {Hkv}, {D}], got {tuple(k.shape)}, {tuple(v.shape)}")
@@ -271,7 +378,7 @@ def ring_append(pos, k, v, exact_k, exact_v, sink, window, evict_block, body=Non
         raise ValueError("ring_append: the kernel needs k and v codes alike, each scale like its zero, rows contiguous, "
                          "and a KIVI group size that is a power of two dividing the head dim")
     args = (None,) * 6 + (8, False, 0) if body is None else (*body.tensors(), body.bits, body.fp8, body.value_group)
-    return _ring_append_op(pos, k, v, exact_k, exact_v, sink, window, evict_block, *args)
+    return _ring_append_op(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evict_block, *args)
 
 
 def _kernel_takes(body, D: int) -> bool:

@@ -13,7 +13,8 @@ position P the exact tokens are the sink plus positions [sink + n_evicted(P), P]
 Sink and ring share one buffer `exact_k/exact_v` [B, H, sink + ring + 1, D]; the last slot is a
 trash slot that absorbs writes which must not land (a masked write without a host sync).
 
-A decode step through the decode kernels writes with one ring_append call per layer; prefill
+A decode step through the decode kernels writes with one ring_append call per layer (from the
+model's rotate_and_update, which rotates q and k in that same kernel); prefill
 chunks, and caches built without the decode kernels, take the PyTorch path below (the slot rules
 of ring_layout and the quantization of kv_quant.quantize_blocks, as ring_append's reference).
 """
@@ -62,6 +63,17 @@ class SinkWindowCache(KVCache):
         return validity
 
     # -- writes ----------------------------------------------------------------------------
+    def rotate_and_update(self, input_pos, freqs_cis, q, k, v):
+        if not self.kernel_step(k):
+            return super().rotate_and_update(input_pos, freqs_cis, q, k, v)
+        bsz = k.shape[0]
+        self._recent = None
+        q, valid, body_len = ring_append.rotate_and_append(
+            input_pos, q[:, :, 0], k[:, :, 0], v[:, :, 0], freqs_cis, batch_rows(self.exact_k, bsz),
+            batch_rows(self.exact_v, bsz), self.sink_size, self.window_size, self.evict_block, self.body(bsz))
+        self._decode_validity = valid, body_len
+        return q[:, :, None]
+
     def update(self, input_pos, k, v):
         bsz, _, t, _ = k.shape
         if self.kernel_step(k):

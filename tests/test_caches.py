@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from kv_cache import KVCache
 from strategies import cache_factory
 from tests.helpers import VOCAB, compress, quantize, run, tiny_model
 
@@ -48,13 +49,14 @@ def test_chunked_prefill_equals_token_by_token(settings):
         torch.testing.assert_close(run(model, tokens, settings, chunks), one_by_one, atol=TOL, rtol=0)
 
 
-class BruteForceStreamingCache(torch.nn.Module):
+class BruteForceStreamingCache(KVCache):
     """Keeps every token; each query attends to sink + the last `window` tokens only, with
     positions renumbered by cache order as StreamingLLM does (keys un-rotated and re-rotated
-    from scratch with complex arithmetic in float64). Independent of sink_window.py."""
+    from scratch with complex arithmetic in float64). Independent of sink_window.py: only
+    update and attend, as a strategy of one's own would be written."""
 
     def __init__(self, sink, window, streaming, max_seq, head_dim, base, **_):
-        super().__init__()
+        super().__init__("cpu", decode_kernels=False)
         self.sink, self.window, self.streaming = sink, window, streaming
         self.k, self.v = {}, {}
         freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))

@@ -12,6 +12,8 @@ import torch
 
 import ring_append
 from kv_quant import QuantizedBody
+from model import PRESETS
+from rope import precompute_freqs_cis
 from strategies import cache_factory
 from tests.helpers import VOCAB, compress, quantize, run, tiny_model, triton_missing
 
@@ -58,12 +60,13 @@ def test_reference_equals_cache_update(settings, dtype):
         assert int(body_len) == int(cache.n_evicted(pos)), p
 
 
-@pytest.mark.parametrize("settings", [compress(4, 8), compress(4, 8, "original"), quantize(4, 8, 8), quantize(4, 8, "fp8"),
+@pytest.mark.parametrize("settings", [{"strategy": "full"}, compress(4, 8), compress(4, 8, "original"), quantize(4, 8, 8),
+                                      quantize(4, 8, "fp8"),
                                       quantize(4, 8, 4), quantize(4, 8, 2), quantize(3, 5, 2, 16)],
                          ids=lambda s: "-".join(map(str, s.values())))
 def test_kernel_path_equals_pytorch_path(settings):
-    """The caches' GPU decode path on the CPU (ring_append and decode_attention serve it with their
-    references). Tolerance: fp32 both ways; they differ in summation order only (fp32 einsum
+    """The caches' GPU decode path on the CPU (ring_append, rotate_and_write and decode_attention
+    serve it with their references). Tolerance: fp32 both ways; they differ in summation order only (fp32 einsum
     softmax vs SDPA), ~1e-6 on logits of size ~1."""
     model = tiny_model()
     tokens = torch.randint(0, VOCAB, (2, 90))
@@ -73,7 +76,8 @@ def test_kernel_path_equals_pytorch_path(settings):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("settings", [quantize(4, 8, 8), quantize(4, 8, 4, 16)], ids=["int8", "int4"])
+@pytest.mark.parametrize("settings", [{"strategy": "full"}, quantize(4, 8, 8), quantize(4, 8, 4, 16)],
+                         ids=["full", "int8", "int4"])
 def test_compiled_kernel_path_is_one_graph(settings):
     """The mutating custom op compiles fullgraph, once, and the compiled steps match eager."""
     model = tiny_model()
@@ -113,21 +117,27 @@ def random_body(bits, B, Hkv, L, D, G, dtype, device):
 
 
 @cuda
+@pytest.mark.parametrize("n_rep", [None, 4, 3], ids=["rotated", "rope-gqa4", "rope-gqa3"])
 @pytest.mark.parametrize("bits", [8, "fp8", 4, 2, None], ids=["int8", "fp8", "int4", "int2", "exact-only"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("B,Hkv,D,sink,window,evict_block",
                          [(1, 8, 128, 4, 32, 1), (3, 2, 64, 16, 24, 1), (2, 4, 128, 4, 24, 32), (3, 2, 64, 16, 24, 16)])
-def test_triton_equals_reference(bits, dtype, B, Hkv, D, sink, window, evict_block):
+def test_triton_equals_reference(bits, dtype, B, Hkv, D, sink, window, evict_block, n_rep):
     if bits is not None and (bits in (8, "fp8")) != (evict_block == 1):
         pytest.skip("int8 and fp8 evict single tokens, KIVI groups of evict_block")
-    check_kernel_against_reference(ring_append._ring_append_op, bits, dtype, B, Hkv, D, sink, window, evict_block, "cuda")
+    check_kernel_against_reference(ring_append._ring_append_op, bits, dtype, B, Hkv, D, sink, window, evict_block, "cuda",
+                                   n_rep=n_rep)
 
 
-def check_kernel_against_reference(kernel, bits, dtype, B, Hkv, D, sink, window, evict_block, device, positions=None):
+def check_kernel_against_reference(kernel, bits, dtype, B, Hkv, D, sink, window, evict_block, device, positions=None,
+                                   n_rep=None):
     """Drive `kernel` (ring_append's Triton launch) and the reference from the same fresh random
     buffers through the sink, the first evictions (KIVI: the first groups), ring wraps and later
-    groups; every buffer and both outputs must agree bit for bit."""
+    groups; every buffer and every output must agree bit for bit. n_rep: queries per kv head, each
+    step's q and k rotated in the kernel (at a position's rows of a Llama-3.1-scaled RoPE table);
+    None: k comes rotated, no q."""
     torch.manual_seed(1)
+    table = precompute_freqs_cis(2048, D, 500000.0, PRESETS["llama-3.1-8b"]["rope_scaling"]).to(device)
     n = sink + window + evict_block
     ek = torch.randn(B, Hkv, n, D, dtype=dtype, device=device) * 3
     ev = torch.randn(B, Hkv, n, D, dtype=dtype, device=device)
@@ -142,29 +152,66 @@ def check_kernel_against_reference(kernel, bits, dtype, B, Hkv, D, sink, window,
         k = torch.randn(B, Hkv, D, dtype=dtype, device=device)
         v = torch.randn(B, Hkv, D, dtype=dtype, device=device)
         k[0, 0, 0] = v[0, 0, :evict_block] = 0  # keep a zero key channel and value group: scale 1, codes 0
+        q = None if n_rep is None else torch.randn(B, Hkv * n_rep, D, dtype=dtype, device=device)
+        freqs = None if n_rep is None else table[pos]
         ref_ek, ref_ev = ek.clone(), ev.clone()
         ref_body = body and body.with_tensors(t if t is None else t.clone() for t in body.tensors())
         args = (None,) * 6 + (8, False, 0) if body is None else (*ref_body.tensors(), ref_body.bits, ref_body.fp8,
                                                                   ref_body.value_group)
-        want = ring_append.ring_append_reference(pos, k, v, ref_ek, ref_ev, sink, window, evict_block, *args)
+        want = ring_append.ring_append_reference(pos, q, k, v, freqs, ref_ek, ref_ev, sink, window, evict_block, *args)
         args = (None,) * 6 + (8, False, 0) if body is None else (*body.tensors(), body.bits, body.fp8, body.value_group)
-        got = kernel(pos, k, v, ek, ev, sink, window, evict_block, *args)
+        got = kernel(pos, q, k, v, freqs, ek, ev, sink, window, evict_block, *args)
         assert torch.equal(ek, ref_ek) and torch.equal(ev, ref_ev), p
         for got_t, want_t in zip(body.tensors(), ref_body.tensors()) if body else ():
             assert got_t is None or torch.equal(got_t, want_t), p
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), p
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), p
+        assert n_rep is None or got[0].shape == q.shape, p
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or triton_missing(), reason="interpreter check: CPU only, needs triton")
 @pytest.mark.parametrize("bits,evict_block", [(8, 1), ("fp8", 1), (4, 8), (2, 16), (None, 1)],
                          ids=["int8", "fp8", "int4", "int2", "exact-only"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_kernel_interpreted(triton_interpreter, bits, evict_block, dtype):
+@pytest.mark.parametrize("n_rep", [None, 3], ids=["rotated", "rope-gqa3"])
+def test_kernel_interpreted(triton_interpreter, bits, evict_block, dtype, n_rep):
     """The Triton kernel under the interpreter (CI has no GPU), bit for bit as on the GPU."""
     n = 4 + 8 + evict_block
     positions = list(range(0, 4 + 8 + 2 * evict_block + 2)) + [200 + 3 * i for i in range(n)]
     check_kernel_against_reference(ring_append._ring_append_triton, bits, dtype, 2, 2, 32, 4, 8, evict_block, "cpu",
-                                   positions)
+                                   positions, n_rep)
+
+
+def check_full_write_against_reference(write, dtype, B, Hkv, n_rep, D, L, device):
+    """rotate_and_write's kernel launch `write` against its reference from the same fresh random
+    caches, at the first and last slots and between, bit for bit (the same roundings)."""
+    torch.manual_seed(2)
+    table = precompute_freqs_cis(L, D, 500000.0, PRESETS["llama-3.1-8b"]["rope_scaling"]).to(device)
+    kc, vc = torch.randn(B, Hkv, L, D, dtype=dtype, device=device), torch.randn(B, Hkv, L, D, dtype=dtype, device=device)
+    for p in (0, 1, L // 3, L - 1):
+        pos = torch.tensor([p], device=device)
+        q = torch.randn(B, Hkv * n_rep, D, dtype=dtype, device=device)
+        k, v = torch.randn(B, Hkv, D, dtype=dtype, device=device), torch.randn(B, Hkv, D, dtype=dtype, device=device)
+        ref_kc, ref_vc = kc.clone(), vc.clone()
+        want = ring_append.rotate_and_write_reference(pos, q, k, v, table[pos], ref_kc, ref_vc)
+        got = write(pos, q, k, v, table[pos], kc, vc)
+        assert torch.equal(got, want) and torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc), p
+
+
+def full_write_kernel(pos, q, k, v, freqs, kc, vc):
+    return ring_append._ring_append_triton(pos, q, k, v, freqs, kc, vc, 0, 0, 1, *(None,) * 6, 8, False, 0, ring=False)[0]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,Hkv,n_rep,D,L", [(1, 8, 4, 128, 4096), (3, 3, 3, 64, 100)])
+def test_full_write_triton_equals_reference(dtype, B, Hkv, n_rep, D, L):
+    check_full_write_against_reference(ring_append.rotate_and_write, dtype, B, Hkv, n_rep, D, L, "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or triton_missing(), reason="interpreter check: CPU only, needs triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_full_write_interpreted(triton_interpreter, dtype):
+    check_full_write_against_reference(full_write_kernel, dtype, 2, 2, 3, 32, 40, "cpu")
 
 
 def test_bad_arguments():
@@ -174,6 +221,11 @@ def test_bad_arguments():
         ring_append.ring_append(torch.tensor([0]), k[:, :1], k[:, :1], ek, ek.clone(), 4, 8, 1)
     with pytest.raises(ValueError, match="exact slots"):
         ring_append.ring_append(torch.tensor([0]), k, k, ek, ek.clone(), 4, 9, 1)
+    table = precompute_freqs_cis(8, 16, 10000.0)
+    with pytest.raises(ValueError, match="freqs must be one position's fp32 rows"):
+        ring_append.rotate_and_append(torch.tensor([0]), torch.zeros(1, 4, 16), k, k, table, ek, ek.clone(), 4, 8, 1)
+    with pytest.raises(ValueError, match="Hq a multiple"):
+        ring_append.rotate_and_write(torch.tensor([0]), torch.zeros(1, 3, 16), k, k, table[:1], ek, ek.clone())
     ek4 = torch.zeros(1, 2, 4 + 8 + 4, 16)
     for bits, group in ((8, 1), (4, 8)):
         body = random_body(bits, 1, 2, 32, 16, group, torch.float32, "cpu")
@@ -188,6 +240,11 @@ def test_custom_op_registration(bits, evict_block):
     n = sink + window + evict_block
     ek, ev = torch.randn(B, H, n, D), torch.randn(B, H, n, D)
     body = random_body(bits, B, H, 40, D, evict_block, torch.float32, "cpu")
-    args = (torch.tensor([27]), torch.randn(B, H, D), torch.randn(B, H, D), ek, ev, sink, window, evict_block,
-            *body.tensors(), body.bits, body.fp8, body.value_group)
-    torch.library.opcheck(torch.ops.kvcache.ring_append.default, args, test_utils=("test_schema", "test_faketensor"))
+    table = precompute_freqs_cis(64, D, 10000.0)
+    for q, freqs in ((None, None), (torch.randn(B, 2 * H, D), table[27:28])):
+        args = (torch.tensor([27]), q, torch.randn(B, H, D), torch.randn(B, H, D), freqs, ek, ev, sink, window,
+                evict_block, *body.tensors(), body.bits, body.fp8, body.value_group)
+        torch.library.opcheck(torch.ops.kvcache.ring_append.default, args, test_utils=("test_schema", "test_faketensor"))
+    args = (torch.tensor([27]), torch.randn(B, 2 * H, D), torch.randn(B, H, D), torch.randn(B, H, D), table[27:28],
+            torch.randn(B, H, 40, D), torch.randn(B, H, 40, D))
+    torch.library.opcheck(torch.ops.kvcache.rotate_and_write.default, args, test_utils=("test_schema", "test_faketensor"))

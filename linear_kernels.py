@@ -41,6 +41,36 @@ CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int, int, int, int]] = 
     ("int8", 4096, 14336, 16): (16, 32, 256, 4, 3, 4),
     ("int8", 128256, 4096, 1): (16, 128, 256, 4, 3, 1),
     ("int8", 128256, 4096, 16): (16, 128, 256, 4, 3, 1),
+    # The MLP's gate and up (w1, w3) in one kernel: silu(x w1^T) * (x w3^T)
+    ("bf16 gated", 14336, 4096, 1): (16, 32, 128, 4, 3, 1),
+    ("bf16 gated", 14336, 4096, 16): (16, 32, 128, 4, 3, 1),
+    ("int8 gated", 14336, 4096, 1): (16, 32, 128, 4, 4, 1),
+    ("int8 gated", 14336, 4096, 16): (16, 32, 256, 4, 3, 1),
+    # Llama-3-8B / 3.1-8B, one rank of two (tensor parallel: --tp 2)
+    ("bf16", 3072, 4096, 1): (1, 8, 1024, 8, 1, 1),  # wqkv
+    ("bf16", 3072, 4096, 16): (16, 32, 128, 4, 4, 4),
+    ("bf16", 4096, 2048, 1): (1, 8, 512, 4, 3, 1),  # wo
+    ("bf16", 4096, 2048, 16): (16, 32, 128, 4, 3, 4),
+    ("bf16", 7168, 4096, 1): (1, 16, 1024, 8, 1, 1),  # w1, w3
+    ("bf16", 7168, 4096, 16): (16, 16, 256, 4, 3, 1),
+    ("bf16", 4096, 7168, 1): (1, 8, 512, 4, 1, 1),  # w2
+    ("bf16", 4096, 7168, 16): (16, 32, 128, 4, 3, 4),
+    ("bf16", 64128, 4096, 1): (1, 16, 1024, 8, 1, 1),  # output (vocabulary half)
+    ("bf16", 64128, 4096, 16): (16, 128, 128, 4, 4, 1),
+    ("bf16 gated", 7168, 4096, 1): (1, 16, 256, 4, 1, 1),
+    ("bf16 gated", 7168, 4096, 16): (16, 16, 256, 4, 3, 1),
+    ("int8", 3072, 4096, 1): (1, 8, 1024, 4, 3, 1),
+    ("int8", 3072, 4096, 16): (16, 32, 128, 4, 4, 4),
+    ("int8", 4096, 2048, 1): (1, 8, 512, 4, 1, 1),
+    ("int8", 4096, 2048, 16): (16, 32, 128, 4, 4, 4),
+    ("int8", 7168, 4096, 1): (1, 8, 512, 4, 1, 1),
+    ("int8", 7168, 4096, 16): (16, 64, 128, 4, 3, 4),
+    ("int8", 4096, 7168, 1): (1, 8, 1024, 4, 1, 1),
+    ("int8", 4096, 7168, 16): (16, 32, 128, 4, 4, 4),
+    ("int8", 64128, 4096, 1): (16, 128, 256, 4, 3, 1),
+    ("int8", 64128, 4096, 16): (16, 128, 256, 4, 3, 1),
+    ("int8 gated", 7168, 4096, 1): (1, 8, 256, 4, 1, 1),
+    ("int8 gated", 7168, 4096, 16): (16, 16, 256, 4, 4, 1),
 }
 DECODE_ROWS = 16  # the most rows of a decode-sized call: one tensor-core dot's M
 # (weight kind, rows) -> the config for a shape the sweep did not see (tensor-parallel shards,
@@ -52,6 +82,10 @@ DEFAULT_CONFIGS = {
     ("bf16", DECODE_ROWS): (16, 32, 128, 4, 3, 4),
     ("int8", 1): (1, 8, 1024, 4, 1, 1),
     ("int8", DECODE_ROWS): (16, 32, 128, 4, 4, 4),
+    ("bf16 gated", 1): (16, 32, 128, 4, 3, 1),
+    ("bf16 gated", DECODE_ROWS): (16, 32, 128, 4, 3, 1),
+    ("int8 gated", 1): (16, 32, 128, 4, 4, 1),
+    ("int8 gated", DECODE_ROWS): (16, 32, 256, 4, 3, 1),
 }
 PREFILL_CONFIG = (64, 64, 64, 4, 3, 1)  # larger inputs (prefill of int8 weights)
 INT8_ASM = True  # batch-1 CUDA-core path: int8 codes converted with the PTX below (else plain casts)
@@ -71,62 +105,85 @@ prmt.b32 $3, t, 0x4B000000, 0x7443;
 
 
 @triton.jit
-def _load_tiles(x_ptrs, w_ptrs, ks, k0, K, row_ok, col_ok, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    """The activations' [BLOCK_M, BLOCK_K] and the weights' [BLOCK_N, BLOCK_K] tiles at k0, masked
-    only where the blocks do not divide the shape."""
+def _load_w(w_ptrs, ks, k0, K, col_ok, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """The weights' [BLOCK_N, BLOCK_K] tile at k0, masked only where the blocks do not divide the shape."""
     if EVEN_K:
-        x = tl.load(x_ptrs, mask=row_ok, other=0.0)
-        w = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=col_ok, other=0)
-    else:
-        k_ok = ks[None, :] + k0 < K
-        x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
-        w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0)
-    return x, w
+        return tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=col_ok, other=0)
+    return tl.load(w_ptrs, mask=col_ok & (ks[None, :] + k0 < K), other=0)
+
+
+@triton.jit
+def _load_tiles(x_ptrs, w_ptrs, ks, k0, K, row_ok, col_ok, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """The activations' [BLOCK_M, BLOCK_K] and the weights' [BLOCK_N, BLOCK_K] tiles at k0."""
+    x_ok = row_ok if EVEN_K else row_ok & (ks[None, :] + k0 < K)
+    return tl.load(x_ptrs, mask=x_ok, other=0.0), _load_w(w_ptrs, ks, k0, K, col_ok, EVEN_N, EVEN_K)
+
+
+@triton.jit
+def _to_f32(w, CONVERT_ASM: tl.constexpr):
+    if CONVERT_ASM:
+        return tl.inline_asm_elementwise(_INT8_TO_F32_ASM, "=r,=r,=r,=r,r", [w], dtype=tl.float32,
+                                         is_pure=True, pack=4) - 8388736.0
+    return w.to(tl.float32)
 
 
 @triton.jit
 def linear_kernel(
-    X, W, SCALE, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ys, stride_ym, k_per_split,
-    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    X, W, SCALE, BIAS, W_UP, SCALE_UP, Y, M, N, K, stride_xm, stride_wn, stride_ys, stride_ym, k_per_split,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT_ASM: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] block of y over the K range [pid_k * k_per_split, + k_per_split):
-    written to Y[pid_k] (fp32 partial sums when K is split, the output itself when not)."""
+    written to Y[pid_k] (fp32 partial sums when K is split, the output itself when not).
+    GATED (run unsplit): y = silu(x W^T) * (x W_UP^T), the MLP's gate and up, both [BLOCK_N, K]
+    slabs streamed in the same loop."""
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = pid_k * k_per_split + tl.arange(0, BLOCK_K)
     x_ptrs = X + rows[:, None] * stride_xm + ks[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = W + cols[:, None] * stride_wn + ks[None, :]  # [BLOCK_N, BLOCK_K]
+    u_ptrs = W_UP + cols[:, None] * stride_wn + ks[None, :]  # [BLOCK_N, BLOCK_K], used when GATED
     row_ok = rows[:, None] < M
     col_ok = cols[:, None] < N
     if BLOCK_M == 1:
         # One row: products on the CUDA cores into a [BLOCK_N, BLOCK_K] tile of partial sums,
         # reduced once after the loop; the weights go from memory straight to registers.
         acc_nk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        up_nk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, k_per_split, BLOCK_K):
             x, w = _load_tiles(x_ptrs, w_ptrs, ks, k0, K, row_ok, col_ok, EVEN_N, EVEN_K)
-            if CONVERT_ASM:
-                wf = tl.inline_asm_elementwise(_INT8_TO_F32_ASM, "=r,=r,=r,=r,r", [w], dtype=tl.float32,
-                                               is_pure=True, pack=4) - 8388736.0
-            else:
-                wf = w.to(tl.float32)
-            acc_nk += wf * x.to(tl.float32)  # [BLOCK_N, BLOCK_K] * [1, BLOCK_K]
+            xf = x.to(tl.float32)
+            acc_nk += _to_f32(w, CONVERT_ASM) * xf  # [BLOCK_N, BLOCK_K] * [1, BLOCK_K]
+            if GATED:
+                u = _load_w(u_ptrs, ks, k0, K, col_ok, EVEN_N, EVEN_K)
+                up_nk += _to_f32(u, CONVERT_ASM) * xf
+                u_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         acc = tl.sum(acc_nk, axis=1)[None, :]  # [1, BLOCK_N]
+        up = tl.sum(up_nk, axis=1)[None, :]
     else:
         # Up to BLOCK_M rows on the tensor cores, padded to the 16 a dot needs (free next to the
         # tile's bytes); the tiles reach the dot through the software pipeline's shared memory.
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, k_per_split, BLOCK_K):
             x, w = _load_tiles(x_ptrs, w_ptrs, ks, k0, K, row_ok, col_ok, EVEN_N, EVEN_K)
             # int8 codes convert exactly to the activations' dtype; the scale waits for the output.
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+            if GATED:
+                u = _load_w(u_ptrs, ks, k0, K, col_ok, EVEN_N, EVEN_K)
+                up = tl.dot(x, tl.trans(u.to(x.dtype)), up)
+                u_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
     if HAS_SCALE:
         acc *= tl.load(SCALE + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            up *= tl.load(SCALE_UP + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * up
     if HAS_BIAS and pid_k == 0:  # once, in the first split's partial sums
         acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + pid_k * stride_ys + rows[:, None] * stride_ym + cols[None, :]
@@ -137,30 +194,36 @@ def weight_kind(weight: torch.Tensor) -> str:
     return "int8" if weight.dtype == torch.int8 else "bf16"
 
 
-def config(weight: torch.Tensor, m: int) -> tuple[int, int, int, int, int, int]:
-    """The launch config for m rows times this weight."""
+def config(weight: torch.Tensor, m: int, gated: bool = False) -> tuple[int, int, int, int, int, int]:
+    """The launch config for m rows times this weight (gated: the gate and up pair's kernel, whose
+    silu needs each row's whole K in one program: never split)."""
     if m > DECODE_ROWS:
         return PREFILL_CONFIG
     n, k = weight.shape
-    kind, rows = weight_kind(weight), 1 if m == 1 else DECODE_ROWS
-    return CONFIGS.get((kind, n, k, rows), DEFAULT_CONFIGS[(kind, rows)])
+    kind, rows = weight_kind(weight) + (" gated" if gated else ""), 1 if m == 1 else DECODE_ROWS
+    cfg = CONFIGS.get((kind, n, k, rows), DEFAULT_CONFIGS[(kind, rows)])
+    return cfg[:5] + (1,) if gated else cfg
 
 
 def triton_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] (rows contiguous) times weight [N, K]^T with the shape's committed config. Split K
-    sums its fp32 partials in a fixed order."""
+                  bias: torch.Tensor | None, up: torch.Tensor | None = None,
+                  up_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (rows contiguous) times weight [N, K]^T with the shape's committed config; with
+    `up` (the gated pair, no bias) silu(x weight^T) * (x up^T). Split K sums its fp32 partials in
+    a fixed order."""
     m, k = x.shape
     n = weight.shape[0]
-    block_m, block_n, block_k, warps, stages, split = config(weight, m)
+    gated = up is not None
+    block_m, block_n, block_k, warps, stages, split = config(weight, m, gated)
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)
     y = torch.empty(split, m, n, device=x.device, dtype=x.dtype if split == 1 else torch.float32)  # [S, M, N]
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
     linear_kernel[grid](
-        x, weight, scales if scales is not None else x, bias if bias is not None else x, y, m, n, k,
+        x, weight, x if scales is None else scales, x if bias is None else bias,
+        weight if up is None else up, x if up_scales is None else up_scales, y, m, n, k,
         x.stride(0), weight.stride(0), y.stride(0), y.stride(1), k_per_split,
-        HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, EVEN_N=n % block_n == 0,
+        HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, GATED=gated, EVEN_N=n % block_n == 0,
         EVEN_K=k % k_per_split == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         CONVERT_ASM=INT8_ASM and weight.dtype == torch.int8 and x.is_cuda, num_warps=warps, num_stages=stages,
     )

@@ -188,7 +188,7 @@ def _set_weight(linear: nn.Module, weight: torch.Tensor, bias: Optional[torch.Te
 
 def _column_parallel(linear: nn.Module, parts: list[int], world: int, r: int, device) -> None:
     bias = None if linear.bias is None else _rows(linear.bias, parts, world, r, device)
-    if hasattr(linear, "scales"):  # weight_quant.Int8Linear: one scale per output row, split with the rows
+    if linear.scales is not None:  # weight_quant.Int8Linear: one scale per output row, split with the rows
         linear.scales = nn.Parameter(_rows(linear.scales, parts, world, r, device), requires_grad=False)
     _set_weight(linear, _rows(linear.weight, parts, world, r, device), bias)
 
@@ -331,7 +331,7 @@ def _output_rows(linear: nn.Module, shard: VocabShard, device) -> None:
     def rows(t: torch.Tensor) -> torch.Tensor:
         return shard.rows(t).to(device).contiguous()
 
-    if hasattr(linear, "scales"):  # weight_quant.Int8Linear: one scale per output row, split with the rows
+    if linear.scales is not None:  # weight_quant.Int8Linear: one scale per output row, split with the rows
         linear.scales = nn.Parameter(rows(linear.scales), requires_grad=False)
     _set_weight(linear, rows(linear.weight))
 

@@ -1,6 +1,7 @@
 """The sweep that chose linear_kernels.CONFIGS: every weight matrix of a preset's decode step (GPU).
 
-For each matrix shape (wqkv, wo, w1/w3, w2, output) and weight kind (the model's bf16 and int8
+For each matrix shape (wqkv, wo, w1/w3, w2, output, and the MLP's gate and up pair w1+w3 as the
+gated kernel computes them, silu(x w1^T) * (x w3^T)) and weight kind (the model's bf16 and int8
 codes with per-channel scales) it times the Triton kernel in every config of a fixed grid at
 batch 1 (the CUDA-core and tensor-core paths) and at batch 8 (the tensor-core path, the config
 for 2 to 16 rows), and keeps the fastest of each; beside it cuBLAS (F.linear over
@@ -10,7 +11,7 @@ batch 1 (the path the decode step took before). Every timed config is checked ag
 linear_op.linear_reference. Time is the median of triton.testing.do_bench_cudagraph over weight
 copies rotated past the L2; bandwidth is bytes read (weights, scales, activations) over time.
 
-    python3 -m scripts.bench_linear [--model llama-3.1-8b] [--tp 1] [--inductor] [--out DIR]
+    python3 -m scripts.bench_linear [--model llama-3.1-8b] [--tp 1] [--matrices wqkv ...] [--inductor] [--out DIR]
 
 Writes bench_linear.json to the --out folder (never over an existing one) and prints the table and
 the CONFIGS entries to commit.
@@ -28,7 +29,7 @@ import torch
 import linear_kernels as lk
 import tp
 from atomic_write import write_atomically
-from linear_op import linear_reference
+from linear_op import gated_reference, linear_reference
 from model import ModelArgs
 from scripts.benchmark import copy_bandwidth
 
@@ -42,8 +43,11 @@ FMA_GRID = [(1, bn, bk, w, st, sp) for bn in (8, 16, 32) for bk in (256, 512, 10
             for st in (1, 3) for sp in (1, 2)]
 
 
+GATED = "w1+w3"  # the gate and up pair: two [N, K] matrices in one kernel
+
+
 def matrices(preset: str, tp: int) -> dict[str, tuple[int, int]]:
-    """name -> (N, K) of one rank's weight matrices (w1 and w3 share a shape)."""
+    """name -> (N, K) of one rank's weight matrices (w1 and w3 share a shape; GATED is the pair)."""
     c = ModelArgs.from_name(preset)
     hd = c.head_dim
     return {
@@ -51,23 +55,27 @@ def matrices(preset: str, tp: int) -> dict[str, tuple[int, int]]:
         "wo": (c.dim, c.n_head * hd // tp),
         "w1/w3": (c.intermediate_size // tp, c.dim),
         "w2": (c.dim, c.intermediate_size // tp),
-        "output": (c.vocab_size, c.dim),
+        GATED: (c.intermediate_size // tp, c.dim),
+        "output": (-(-c.vocab_size // tp), c.dim),  # tp.VocabShard: ceil(V / tp) rows a rank
     }
 
 
-def candidates(n: int, k: int, esize: int, rows: int) -> list[tuple]:
+def candidates(n: int, k: int, esize: int, rows: int, gated: bool) -> list[tuple]:
     """The grids' configs that fit a shape: 2 to 31 programs per SM of an H200's 132 (K split only
     where whole rows give fewer), at least four tiles per split; on the tensor cores 16 to 128 KB
-    of tiles in flight, on the CUDA cores at most 64 fp32 partial sums per thread."""
+    of tiles in flight, on the CUDA cores at most 64 fp32 partial sums per thread. The gated
+    kernel streams two slabs per program, unsplit, so it counts from one program per SM."""
+    slabs = 2 if gated else 1
+    fewest = 132 if gated else 264
     keep = []
     for cfg in DOT_GRID + (FMA_GRID if rows == 1 else []):
         bm, bn, bk, w, st, sp = cfg
         programs = n // bn * sp
-        if n % bn or (sp > 1 and n // bn >= 264) or not 264 <= programs <= 4096 or k // sp < 4 * bk:
+        if n % bn or (sp > 1 and (n // bn >= 264 or gated)) or not fewest <= programs <= 4096 or k // sp < 4 * bk:
             continue
-        if bm > 1 and not 16 << 10 <= bn * bk * esize * st <= 128 << 10:
+        if bm > 1 and not 16 << 10 <= bn * bk * esize * st * slabs <= 128 << 10:
             continue
-        if bm == 1 and bn * bk > 64 * 32 * w:
+        if bm == 1 and bn * bk * slabs > 64 * 32 * w:
             continue
         keep.append(cfg)
     return keep
@@ -79,24 +87,25 @@ def bench(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
 
 
-def make_weights(n: int, k: int, kind: str) -> list[tuple]:
-    """Copies of (weight, scales) filling ROTATE_BYTES (at least one)."""
+def make_weights(n: int, k: int, kind: str, slabs: int) -> list[tuple]:
+    """Copies of (weight, scales) (slabs 1) or (gate, scales, up, scales) (slabs 2) filling
+    ROTATE_BYTES (at least one)."""
     esize = 1 if kind == "int8" else 2
-    copies = max(1, ROTATE_BYTES // (n * k * esize))
-    out = []
-    for _ in range(copies):
+    copies = max(1, ROTATE_BYTES // (n * k * esize * slabs))
+
+    def one():
         if kind == "int8":
-            out.append((torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8),
-                        torch.rand(n, device="cuda", dtype=torch.bfloat16) * 0.002))
-        else:
-            out.append((torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, None))
-    return out
+            return (torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8),
+                    torch.rand(n, device="cuda", dtype=torch.bfloat16) * 0.002)
+        return torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, None
+
+    return [sum((one() for _ in range(slabs)), ()) for _ in range(copies)]
 
 
 def per_copy_ms(weights, x, call) -> float:
     def run():
-        for w, s in weights:
-            call(x, w, s)
+        for args in weights:
+            call(x, *args)
     return bench(run) / len(weights)
 
 
@@ -104,8 +113,20 @@ def rel_err(out, ref) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def kernel(x, w, s):
-    return lk.triton_linear(x, w, s, None)
+def kernel(x, w, s, up=None, up_scales=None):
+    return lk.triton_linear(x, w, s, None, up=up, up_scales=up_scales)
+
+
+def reference(x, w, s, up=None, up_scales=None):
+    """The product (or the gated pair) in PyTorch, the activations' dtype."""
+    if up is None:
+        return linear_reference(x, w, s)
+    return gated_reference(x, w, up, s, up_scales)
+
+
+def float64(x, w, s, up=None, up_scales=None):
+    y = x.double() @ w.double().T * (1 if s is None else s.double())
+    return y if up is None else torch.nn.functional.silu(y) * float64(x, up, up_scales)
 
 
 def sweep_rows(entry, weights, x, rows, esize):
@@ -114,15 +135,15 @@ def sweep_rows(entry, weights, x, rows, esize):
     from triton.runtime.errors import OutOfResources
 
     n, k = entry["N"], entry["K"]
-    w0, s0 = weights[0]
-    ref = x.double() @ w0.double().T * (1 if s0 is None else s0.double())
-    key = (entry["kind"], n, k, rows)
+    ref = float64(x, *weights[0])
+    gated = entry["matrix"] == GATED
+    key = (entry["kind"] + (" gated" if gated else ""), n, k, rows)
     committed = lk.CONFIGS.get(key)
     timed = []
-    for cfg in candidates(n, k, esize, rows):
+    for cfg in candidates(n, k, esize, rows, gated):
         lk.CONFIGS[key] = cfg
         try:
-            err = rel_err(kernel(x, w0, s0), ref)
+            err = rel_err(kernel(x, *weights[0]), ref)
             ms = per_copy_ms(weights, x, kernel)
         except OutOfResources as e:
             entry["configs"].append({"rows": rows, "config": cfg, "error": repr(e)[:200]})
@@ -141,12 +162,12 @@ def sweep_rows(entry, weights, x, rows, esize):
 
 def sweep_shape(name, n, k, kind, args) -> dict:
     esize = 1 if kind == "int8" else 2
-    weights = make_weights(n, k, kind)
+    slabs = 2 if name == GATED else 1
+    weights = make_weights(n, k, kind, slabs)
     x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     x8 = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
-    nbytes = n * k * esize + (n * 2 if kind == "int8" else 0)
+    nbytes = (n * k * esize + (n * 2 if kind == "int8" else 0)) * slabs
     entry = {"matrix": name, "N": n, "K": k, "kind": kind, "bytes": nbytes, "configs": []}
-    reference = lambda x, w, s: linear_reference(x, w, s, None)
     entry["cublas_ms_b1"] = per_copy_ms(weights, x1, reference)
     entry["cublas_ms_b8"] = per_copy_ms(weights, x8, reference)
     if args.inductor:
@@ -154,9 +175,9 @@ def sweep_shape(name, n, k, kind, args) -> dict:
 
         torch._dynamo.reset()
         with icfg.patch(coordinate_descent_tuning=True):
-            compiled = torch.compile(linear_reference, fullgraph=True)
-            compiled(x1, *weights[0], None)
-        entry["inductor_ms_b1"] = per_copy_ms(weights, x1, lambda x, w, s: compiled(x, w, s, None))
+            compiled = torch.compile(reference, fullgraph=True)
+            compiled(x1, *weights[0])
+        entry["inductor_ms_b1"] = per_copy_ms(weights, x1, compiled)
     sweep_rows(entry, weights, x1, 1, esize)
     sweep_rows(entry, weights, x8, lk.DECODE_ROWS, esize)
     del weights
@@ -184,6 +205,8 @@ def main(argv=None) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: sweep one rank's shards (default: %(default)s)")
     p.add_argument("--kinds", nargs="+", choices=["bf16", "int8"], default=["bf16", "int8"],
                    help="weight kinds (default: bf16 int8)")
+    p.add_argument("--matrices", nargs="+", choices=["wqkv", "wo", "w1/w3", "w2", "output", GATED],
+                   help="sweep only these (default: all)")
     p.add_argument("--inductor", action="store_true", help="also time torch.compile's product at batch 1")
     p.add_argument("--out", default=os.environ.get("OUT", "outputs"),
                    help="folder for bench_linear.json (default: $OUT when set, else outputs; now %(default)s)")
@@ -202,6 +225,8 @@ def main(argv=None) -> None:
     t0 = time.time()
     for kind in args.kinds:
         for name, (n, k) in shapes.items():
+            if args.matrices and name not in args.matrices:
+                continue
             e = sweep_shape(name, n, k, kind, args)
             result["entries"].append(e)
             b1, b8 = e["best_rows1"], e[f"best_rows{lk.DECODE_ROWS}"]
@@ -214,7 +239,8 @@ def main(argv=None) -> None:
     print("CONFIGS = {")
     for e in result["entries"]:
         for rows in (1, lk.DECODE_ROWS):
-            print(f"    ({e['kind']!r}, {e['N']}, {e['K']}, {rows}): {tuple(e[f'best_rows{rows}']['config'])},  # {e['matrix']}")
+            kind = e["kind"] + (" gated" if e["matrix"] == GATED else "")
+            print(f"    ({kind!r}, {e['N']}, {e['K']}, {rows}): {tuple(e[f'best_rows{rows}']['config'])},  # {e['matrix']}")
     print("}")
     text = json.dumps(result, indent=1)
     write_atomically(path, lambda tmp: tmp.write_text(text))

@@ -59,16 +59,58 @@ def test_kernel_matches_float64(triton_interpreter, monkeypatch, kind, bias, m, 
     assert rel_err(out, reference(x, w, scales, b)) < BF16_TOL
 
 
+def gated_float64(x, w, scales, up, up_scales):
+    return torch.nn.functional.silu(reference(x, w, scales, None)) * reference(x, up, up_scales, None)
+
+
+# (M, N, K, config) for the gated pair: the CUDA-core and tensor-core paths, N and K the blocks do
+# not divide, a split config (the gated kernel runs it unsplit), the prefill config.
+GATED_CASES = [
+    (1, 64, 256, (1, 16, 64, 4, 1, 1)),
+    (1, 80, 320, (1, 32, 128, 4, 1, 2)),
+    (1, 64, 256, (16, 32, 64, 4, 2, 1)),
+    (6, 96, 384, (16, 32, 64, 4, 2, 2)),
+    (40, 72, 200, None),
+]
+
+
+def random_weights(kind, n, k, g, device="cpu"):
+    """(weights, scales): bf16 weights, or int8 codes with bf16 per-channel scales."""
+    if kind == "int8":
+        return (torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8, device=device),
+                (torch.rand(n, generator=g, device=device) * 0.002 + 2e-4).to(torch.bfloat16))
+    return (torch.randn(n, k, generator=g, device=device) * 0.02).to(torch.bfloat16), None
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("m,n,k,config", GATED_CASES)
+def test_gated_kernel_matches_float64(triton_interpreter, monkeypatch, kind, m, n, k, config):
+    """silu(x gate^T) * (x up^T) in one kernel against float64. Each product is as accurate as
+    above; silu and the product in fp32 add a few 2**-24, the output rounding 2**-9."""
+    import linear_kernels as lk
+
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    (w, s), (u, us) = random_weights(kind, n, k, g), random_weights(kind, n, k, g)
+    if config is not None:
+        monkeypatch.setitem(lk.CONFIGS, (kind + " gated", n, k, 1 if m == 1 else lk.DECODE_ROWS), config)
+    out = lk.triton_linear(x, w, s, None, u, us)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    assert rel_err(out, gated_float64(x, w, s, u, us)) < BF16_TOL
+
+
 def test_committed_configs_fit_their_shapes():
     """Every committed config serves its row count, divides its matrix's N (unmasked weight loads)
     and keeps at least one tile per K split."""
     import linear_kernels as lk
 
+    kinds = ("bf16", "int8", "bf16 gated", "int8 gated")
     for (kind, n, k, rows), (block_m, block_n, block_k, warps, stages, split) in lk.CONFIGS.items():
-        assert kind in ("bf16", "int8") and rows in (1, lk.DECODE_ROWS) and block_m >= rows, (kind, n, k, rows)
+        assert kind in kinds and rows in (1, lk.DECODE_ROWS) and block_m >= rows, (kind, n, k, rows)
         assert n % block_n == 0 and k // split >= block_k, (kind, n, k, rows)
         assert all(v & (v - 1) == 0 for v in (block_m, block_n, block_k, warps)), (kind, n, k, rows)
-    assert set(lk.DEFAULT_CONFIGS) == {(kind, rows) for kind in ("bf16", "int8") for rows in (1, lk.DECODE_ROWS)}
+        assert split == 1 or "gated" not in kind, (kind, n, k, rows)  # the gate needs whole rows
+    assert set(lk.DEFAULT_CONFIGS) == {(kind, rows) for kind in kinds for rows in (1, lk.DECODE_ROWS)}
     assert all(cfg[0] >= rows for (_, rows), cfg in lk.DEFAULT_CONFIGS.items())
 
 
@@ -83,11 +125,23 @@ def test_cpu_layer_is_the_reference_and_compiles():
         torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), want)
 
 
+def test_cpu_gated_pair_is_the_textbook_arithmetic():
+    """On the CPU gated_linear is bit for bit silu(w1(x)) * w3(x), so CPU results do not move."""
+    torch.manual_seed(1)
+    gate, up = Linear(32, 24, bias=False), Linear(32, 24, bias=False)
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        want = torch.nn.functional.silu(gate(x)) * up(x)
+        assert torch.equal(linear_op.gated_linear(x, gate.weight, up.weight), want)
+
+
 def test_bad_shapes_are_one_line_errors():
     with pytest.raises(ValueError, match="does not match weight"):
         linear_op.linear(torch.randn(2, 8), torch.randn(4, 6))
     with pytest.raises(ValueError, match="contiguous"):
         linear_op.linear(torch.randn(2, 8), torch.randn(8, 4).T)
+    with pytest.raises(ValueError, match="differ"):
+        linear_op.gated_linear(torch.randn(2, 8), torch.randn(4, 8), torch.randn(5, 8))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreted test covers the CPU)")
@@ -108,6 +162,22 @@ def test_kernel_on_gpu_with_committed_configs(kind, m):
             w, scales = (torch.randn(n, k, device="cuda", generator=g) * 0.05).to(torch.bfloat16), None
         out = linear_op.linear(x, w, scales)
         assert rel_err(out, reference(x, w, scales, None)) < BF16_TOL, (kind, m, n, k, lk.config(w, m))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreted test covers the CPU)")
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("m", [1, 8, 40])
+def test_gated_kernel_on_gpu_with_committed_configs(kind, m):
+    """The gate and up pair at Llama-3-8B's shape with the committed configs, and a shape without
+    one, through the op as the model calls it. Prefill-sized bf16 inputs run the PyTorch path,
+    whose bf16 rounding of each product, of silu and of the product is about 2**-9 each."""
+    g = torch.Generator(device="cuda").manual_seed(100 + m)
+    tol = 2 * BF16_TOL if m > 16 and kind == "bf16" else BF16_TOL
+    for n, k in [(14336, 4096), (96, 200)]:
+        x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+        (w, s), (u, us) = random_weights(kind, n, k, g, "cuda"), random_weights(kind, n, k, g, "cuda")
+        out = linear_op.gated_linear(x, w, u, s, us)
+        assert rel_err(out, gated_float64(x, w, s, u, us)) < tol, (kind, m, n, k)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inline PTX; the interpreter runs the casts)")

@@ -57,8 +57,8 @@ CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int, int, int, int]] = 
     ("bf16", 4096, 7168, 16): (16, 32, 128, 4, 3, 4),
     ("bf16", 64128, 4096, 1): (1, 16, 1024, 8, 1, 1),  # output (vocabulary half)
     ("bf16", 64128, 4096, 16): (16, 128, 128, 4, 4, 1),
-    ("bf16 gated", 7168, 4096, 1): (1, 16, 256, 4, 1, 1),
-    ("bf16 gated", 7168, 4096, 16): (16, 16, 256, 4, 3, 1),
+    ("bf16 gated", 7168, 4096, 1): (16, 32, 128, 4, 4, 1),
+    ("bf16 gated", 7168, 4096, 16): (16, 32, 128, 4, 4, 1),
     ("int8", 3072, 4096, 1): (1, 8, 1024, 4, 3, 1),
     ("int8", 3072, 4096, 16): (16, 32, 128, 4, 4, 4),
     ("int8", 4096, 2048, 1): (1, 8, 512, 4, 1, 1),
@@ -69,8 +69,8 @@ CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int, int, int, int]] = 
     ("int8", 4096, 7168, 16): (16, 32, 128, 4, 4, 4),
     ("int8", 64128, 4096, 1): (16, 128, 256, 4, 3, 1),
     ("int8", 64128, 4096, 16): (16, 128, 256, 4, 3, 1),
-    ("int8 gated", 7168, 4096, 1): (1, 8, 256, 4, 1, 1),
-    ("int8 gated", 7168, 4096, 16): (16, 16, 256, 4, 4, 1),
+    ("int8 gated", 7168, 4096, 1): (16, 32, 512, 4, 3, 1),
+    ("int8 gated", 7168, 4096, 16): (16, 32, 256, 4, 3, 1),
 }
 DECODE_ROWS = 16  # the most rows of a decode-sized call: one tensor-core dot's M
 # (weight kind, rows) -> the config for a shape the sweep did not see (tensor-parallel shards,

@@ -72,16 +72,18 @@ class FullCache(KVCache):
         shape = (batch_size, n_kv_heads, max_seq_length, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self._decode_len = None  # the valid length [1] rotate_and_write gave this step's attend
 
     def rotate_and_update(self, input_pos, freqs_cis, q, k, v):
         if not self.kernel_step(k):
             return super().rotate_and_update(input_pos, freqs_cis, q, k, v)
         bsz = k.shape[0]
-        q = ring_append.rotate_and_write(input_pos, q[:, :, 0], k[:, :, 0], v[:, :, 0], freqs_cis,
-                                         batch_rows(self.k_cache, bsz), batch_rows(self.v_cache, bsz))
+        q, self._decode_len = ring_append.rotate_and_write(input_pos, q[:, :, 0], k[:, :, 0], v[:, :, 0], freqs_cis,
+                                                           batch_rows(self.k_cache, bsz), batch_rows(self.v_cache, bsz))
         return q[:, :, None]
 
     def update(self, input_pos, k, v):
+        self._decode_len = None
         batch_rows(self.k_cache, k.shape[0]).index_copy_(2, input_pos, k)
         batch_rows(self.v_cache, v.shape[0]).index_copy_(2, input_pos, v)
 
@@ -89,7 +91,8 @@ class FullCache(KVCache):
         bsz = q.shape[0]
         k, v = self.k_cache[:bsz], self.v_cache[:bsz]
         if self.kernel_step(q):
-            return decode_attention(q[:, :, 0], k, v, exact_len=input_pos + 1)[:, :, None]
+            length, self._decode_len = self._decode_len, None
+            return decode_attention(q[:, :, 0], k, v, exact_len=input_pos + 1 if length is None else length)[:, :, None]
         # Prefill chunks read keys [0, last position] only (one host sync per chunk, off the decode
         # graph); a CPU decode step masks the whole capacity so it stays sync-free. Either way the
         # mask is [T, N], never [max_seq, max_seq].

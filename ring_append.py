@@ -127,7 +127,7 @@ def _kernel():
         RING: tl.constexpr,
     ):
         """RING: a sink + ring cache (slots, eviction, validity as above); else a full cache, the
-        token at slot `pos` and nothing else written."""
+        token at slot `pos` and its valid length pos + 1 (BODY_LEN) written."""
         bh = tl.program_id(0)
         b = bh // Hkv
         h = bh % Hkv
@@ -231,6 +231,8 @@ def _kernel():
             held = tl.where(j < sink, j, pos - ((pos - j) % ring + ring) % ring)
             ok = (held <= pos) & (held >= 0) & (j < N - 1) & ((j < sink) | (held >= sink + evicted))
             tl.store(VALID + j, ok.to(tl.uint8), mask=j < N)
+        if not RING and bh == 0:
+            tl.store(BODY_LEN, pos + 1)
 
     return triton, _ring_append_kernel
 
@@ -238,7 +240,7 @@ def _kernel():
 def _ring_append_triton(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evict_block,
                         k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, fp8, value_group, ring=True):
     """The kernel's launch; ring=False writes a full cache (exact_k/v its k/v cache, slot = pos,
-    no body, empty validity outputs)."""
+    no body, an empty validity output and the cache's length pos + 1 in place of body_len)."""
     triton, kernel = _kernel()
     B, Hkv, N, D = exact_k.shape
     rope = freqs is not None
@@ -249,7 +251,7 @@ def _ring_append_triton(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evi
     q_rot = torch.empty(q.shape if rope else 0, dtype=q.dtype, device=q.device)
     freqs = freqs.contiguous()
     valid = torch.empty(N if ring else 0, dtype=torch.bool, device=k.device)
-    body_len = torch.empty_like(pos if ring else valid)
+    body_len = torch.empty_like(pos)
     has_body = k_codes is not None
     if not has_body:  # unused pointers
         k_codes = k_scale = k_zero = v_codes = v_scale = v_zero = exact_k
@@ -320,30 +322,33 @@ def rotate_and_append(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evict
 def rotate_and_write_reference(pos, q, k, v, freqs, k_cache, v_cache):
     """A full cache's decode-step write in PyTorch (in place): RoPE on q [B, Hq, D] and k
     [B, Hkv, D] (freqs: pos's rows [1, D/2, 2]), k and v stored at slot pos of k_cache/v_cache
-    [B, Hkv, L, D]. Returns q rotated."""
+    [B, Hkv, L, D]. Returns (q rotated, the cache's valid length pos + 1 [1])."""
     p = pos.reshape(())
     k_cache[:, :, p] = apply_rotary_emb(k[:, None], freqs)[:, 0]
     v_cache[:, :, p] = v
-    return apply_rotary_emb(q[:, None], freqs)[:, 0]
+    return apply_rotary_emb(q[:, None], freqs)[:, 0], pos + 1
 
 
 @torch.library.custom_op("kvcache::rotate_and_write", mutates_args=("k_cache", "v_cache"))
 def _rotate_and_write_op(pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor,
-                         k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                         k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not k.is_cuda:
         return rotate_and_write_reference(pos, q, k, v, freqs, k_cache, v_cache)
-    return _ring_append_triton(pos, q, k, v, freqs, k_cache, v_cache, 0, 0, 1, *(None,) * 6, 8, False, 0, ring=False)[0]
+    q_rot, _, length = _ring_append_triton(pos, q, k, v, freqs, k_cache, v_cache, 0, 0, 1, *(None,) * 6, 8, False, 0,
+                                           ring=False)
+    return q_rot, length
 
 
 @_rotate_and_write_op.register_fake
 def _(pos, q, k, v, freqs, k_cache, v_cache):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(pos)
 
 
 def rotate_and_write(pos, q, k, v, freqs, k_cache, v_cache):
     """A full cache's decode-step write as one kernel: rotate_and_append's RoPE on q and k, then k
     and v [B, Hkv, D] stored at slot pos ([1], on the device) of k_cache/v_cache [B, Hkv, L, D].
-    Returns q rotated [B, Hq, D]."""
+    Returns (q rotated [B, Hq, D], the cache's valid length pos + 1 [1]): the length comes out of
+    the same kernel, where computing it apart cost each layer a kernel of its own."""
     _check_rope(q, k, freqs)
     B, Hkv, _, D = k_cache.shape
     if k.shape != (B, Hkv, D) or v.shape != k.shape:

@@ -192,13 +192,16 @@ def check_full_write_against_reference(write, dtype, B, Hkv, n_rep, D, L, device
         q = torch.randn(B, Hkv * n_rep, D, dtype=dtype, device=device)
         k, v = torch.randn(B, Hkv, D, dtype=dtype, device=device), torch.randn(B, Hkv, D, dtype=dtype, device=device)
         ref_kc, ref_vc = kc.clone(), vc.clone()
-        want = ring_append.rotate_and_write_reference(pos, q, k, v, table[pos], ref_kc, ref_vc)
-        got = write(pos, q, k, v, table[pos], kc, vc)
+        want, want_len = ring_append.rotate_and_write_reference(pos, q, k, v, table[pos], ref_kc, ref_vc)
+        got, got_len = write(pos, q, k, v, table[pos], kc, vc)
         assert torch.equal(got, want) and torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc), p
+        assert int(want_len) == int(got_len) == p + 1 and got_len.device == pos.device, p
 
 
 def full_write_kernel(pos, q, k, v, freqs, kc, vc):
-    return ring_append._ring_append_triton(pos, q, k, v, freqs, kc, vc, 0, 0, 1, *(None,) * 6, 8, False, 0, ring=False)[0]
+    q_rot, _, length = ring_append._ring_append_triton(pos, q, k, v, freqs, kc, vc, 0, 0, 1, *(None,) * 6, 8, False, 0,
+                                                       ring=False)
+    return q_rot, length
 
 
 @cuda

@@ -55,7 +55,7 @@ FORMAT_IDS = {"exact": 0, "int8": 1, "fp8": 2}
 # the launch API.
 CONVERT_ASM = True  # 8-bit codes converted with the PTX below (else plain casts, as under the interpreter)
 KIVI_ASM = True  # KIVI tiles unpacked and dequantized with PTX (decode_kernels_kivi; bf16 caches unless KIVI_F16)
-KIVI_F16 = True  # KIVI codes dequantized into fp16 with one FMA per code pair (else bf16 with two)
+KIVI_F16 = True  # KIVI codes as fp16, values dequantized with one FMA per pair (else bf16 with two)
 KIVI_PREFETCH = True  # KIVI scales and zeros loaded one tile ahead (else where they are used)
 MIN_SPLIT = 1024  # tokens of capacity per split at least (plan_splits) ...
 FILL_WARPS_PER_SM = 4  # ... unless that leaves the grid fewer warps than this per SM

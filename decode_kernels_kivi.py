@@ -9,16 +9,22 @@ G, the key group, and splits start on tile boundaries), so its key scales and ze
 of D per tile; VG is the value group (per token, a scale and zero per VG channels). The scales
 and zeros are loaded one tile ahead (PREFETCH), as the 8-bit kernel's scales.
 
-Dequantization, code -> zero + code * scale, from a float f built from the code's bits:
-  F16   f = 1 + code / 2**BITS in fp16 (the code under the top of the mantissa), and one FMA
-        f * a + b with a = 2**BITS * scale, b = zero - a rounded to fp16 once per group; q and P
-        are fp16 too. fp16's 11 bits keep b's rounding below the bf16 path's error;
-  bf16  f = 128 + code in bf16 (under the exponent of 128), minus 128 (exact), then one FMA with
-        scale and zero: two per element (one FMA f * scale + (zero - 128 * scale) would round
-        zero - 128 * scale, an error of a quarter step, to bf16).
-KIVI_ASM does both in packed-register PTX (unpack about one instruction per code, one fma.rn.f16x2
-or two fma.rn.bf16x2 per code pair); without it (other dtypes in bf16 mode, the interpreter) the
-same arithmetic is written with plain ops in fp32.
+Codes become a float f built from their bits (exact): F16 f = 1 + code / 2**BITS in fp16 (the
+code under the top of the mantissa), else f = 128 + code in bf16 (under the exponent of 128).
+
+Keys are never dequantized: a key group's scale and zero are per channel, so its scale is folded
+into q once per group (q * a, a the step of f: 2**BITS * scale in F16, else scale), and the offset
+of f and the zeros into one [M] term added to the group's scores (_fold_key_plane); the dots then
+read the unpacked codes as they are, in the layout the dot wants (docs/kernels.md has the timings).
+
+Values keep one scale and zero per token and VG channels, dequantized per element: value = f * a
++ b, one FMA, with a = 2**BITS * scale and b = zero - a rounded to fp16 once per group (F16; q and
+P are fp16 too; fp16's 11 bits keep b's rounding below the bf16 path's error); bf16: (f - 128)
+exactly, then one FMA with scale and zero, two per element (one FMA f * scale + (zero - 128 *
+scale) would round zero - 128 * scale, an error of a quarter step, to bf16).
+KIVI_ASM does the unpack and the values' FMAs in packed-register PTX (unpack about one instruction
+per code, one fma.rn.f16x2 or two fma.rn.bf16x2 per value pair); without it (other dtypes in bf16
+mode, the interpreter) the same arithmetic is written with plain ops in fp32.
 """
 import triton
 import triton.language as tl
@@ -74,26 +80,46 @@ def _affine(scale, zero, BITS: tl.constexpr, F16: tl.constexpr):
 
 
 @triton.jit
-def _key_params_plane(KS, KZ, row, I: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
-    """_affine of plane I's channels in the key group at offset `row`, [DP] each."""
+def _key_params_plane(KS, KZ, row, I: tl.constexpr, DP: tl.constexpr):
+    """The key scales and zeros of plane I's channels in the key group at offset `row`, [DP] each."""
     offs = row + I * DP + tl.arange(0, DP)
-    return _affine(tl.load(KS + offs), tl.load(KZ + offs), BITS, F16)
+    return tl.load(KS + offs), tl.load(KZ + offs)
 
 
 @triton.jit
-def _key_params(KS, KZ, n, cap, sksn, G: tl.constexpr, DP: tl.constexpr, NPL: tl.constexpr, BITS: tl.constexpr,
-                F16: tl.constexpr):
-    """The key parameters of the group holding token n: a tuple of NPL (a, b) pairs, one per
-    plane. A token past the capacity (the tile after a split's last) reads the last group
+def _key_params(KS, KZ, n, cap, sksn, G: tl.constexpr, DP: tl.constexpr, NPL: tl.constexpr):
+    """The key scales and zeros of the group holding token n: a tuple of NPL (scale, zero) pairs,
+    one per plane. A token past the capacity (the tile after a split's last) reads the last group
     instead, unused: no mask."""
     row = (tl.minimum(n, cap - 1) // G) * sksn
-    p0 = _key_params_plane(KS, KZ, row, 0, DP, BITS, F16)
-    p1 = _key_params_plane(KS, KZ, row, 1, DP, BITS, F16)
+    p0 = _key_params_plane(KS, KZ, row, 0, DP)
+    p1 = _key_params_plane(KS, KZ, row, 1, DP)
     if NPL == 2:
         return p0, p1
     else:
-        return (p0, p1, _key_params_plane(KS, KZ, row, 2, DP, BITS, F16),
-                _key_params_plane(KS, KZ, row, 3, DP, BITS, F16))
+        return p0, p1, _key_params_plane(KS, KZ, row, 2, DP), _key_params_plane(KS, KZ, row, 3, DP)
+
+
+@triton.jit
+def _fold_key_plane(q_i, params, BITS: tl.constexpr, F16: tl.constexpr):
+    """A key group's scales and zeros folded into q (module docstring), for one plane: q_i [M, DP]
+    in the dots' dtype and the plane's (scale, zero) [DP] -> (q_i * a rounded to that dtype once,
+    [M] fp32: what the codes' offset and the zeros add to every score of the group). With
+    k = a * (f - OFF) + zero + scale * MID per channel, MID the middle code and OFF the f of MID,
+    q . k = (q * a) . f - OFF * sum(q * a) + q . (zero + scale * MID): the rounding of q * a is
+    multiplied by f - OFF, at most half the codes' range (OFF = f of code 0 would double it)."""
+    qf = q_i.to(tl.float32)
+    scale = params[0].to(tl.float32)
+    mid = ((1 << BITS) - 1) / 2
+    if F16:
+        a = scale * (1 << BITS)  # f = 1 + code / 2**BITS
+        offset = 1.0 + mid / (1 << BITS)
+    else:
+        a = scale  # f = 128 + code
+        offset = 128.0 + mid
+    qa = (qf * a[None, :]).to(q_i.dtype)
+    zeros = params[1].to(tl.float32) + scale * mid
+    return qa, tl.sum(qf * zeros[None, :] - offset * qa.to(tl.float32), axis=1)
 
 
 @triton.jit
@@ -143,12 +169,31 @@ def _dequant(f, a, b, F16: tl.constexpr):
 
 
 @triton.jit
-def _kivi_key_plane(q_i, kb, params, I: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
-    """Scores of plane I (channels [I*DP, (I+1)*DP)) of a key tile within one token group:
-    q_i [M, DP] in the dots' dtype, kb [DP, BLOCK_N] packed bytes, params the plane's (a, b)
-    [DP]; the keys rounded once to q_i's dtype."""
-    kt = _dequant(_plane_codes(kb, I, BITS, F16), params[0][:, None], params[1][:, None], F16)
-    return tl.dot(q_i, kt.to(q_i.dtype))
+def _fold_keys(q0, q1, q2, q3, kp, NPL: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
+    """_fold_key_plane of every plane: (q0 * a0, q1 * a1, q2 * a2, q3 * a3, the summed [M] term);
+    with two planes, q2 and q3 are passed through unused."""
+    qa0, c = _fold_key_plane(q0, kp[0], BITS, F16)
+    qa1, c_i = _fold_key_plane(q1, kp[1], BITS, F16)
+    c += c_i
+    if NPL == 4:
+        qa2, c_i = _fold_key_plane(q2, kp[2], BITS, F16)
+        c += c_i
+        qa3, c_i = _fold_key_plane(q3, kp[3], BITS, F16)
+        c += c_i
+    else:
+        qa2, qa3 = q2, q3
+    return qa0, qa1, qa2, qa3, c
+
+
+@triton.jit
+def _key_codes(kb, BITS: tl.constexpr, F16: tl.constexpr, dtype: tl.constexpr):
+    """Every plane of a key tile kb [DP, BLOCK_N] as f in the dots' dtype (exact), a tuple."""
+    f0 = _plane_codes(kb, 0, BITS, F16).to(dtype)
+    f1 = _plane_codes(kb, 1, BITS, F16).to(dtype)
+    if BITS == 4:
+        return f0, f1
+    else:
+        return f0, f1, _plane_codes(kb, 2, BITS, F16).to(dtype), _plane_codes(kb, 3, BITS, F16).to(dtype)
 
 
 @triton.jit
@@ -199,12 +244,6 @@ def _dequant_asm(f, a, b, F16: tl.constexpr):
     else:
         return tl.inline_asm_elementwise(_DEQUANT_BF16_ASM, "=r,r,r,r", [f, a, b], dtype=tl.bfloat16, is_pure=False,
                                          pack=2)
-
-
-@triton.jit
-def _kivi_key_plane_asm(f, params, F16: tl.constexpr):
-    """Keys of a plane, [DP, BLOCK_N], from f [DP, BLOCK_N] and the plane's (a, b) [DP]."""
-    return _dequant_asm(f, params[0][:, None], params[1][:, None], F16)
 
 
 @triton.jit
@@ -266,6 +305,8 @@ def kivi_partial_kernel(
         q3 = _load_q(q_base[:, None] + 3 * DP + offs_p[None, :], row_ok, qk_scale, F16)
         acc2 = tl.zeros([M, DP], tl.float32)
         acc3 = tl.zeros([M, DP], tl.float32)
+    else:
+        q2, q3 = q0, q1  # (unused)
     # Values load as [BLOCK_N, NGP, GV]: GV channels of a plane share one value group, so each
     # token's (scale, zero) broadcasts along the last axis in registers; a reshape to
     # [BLOCK_N, DP] then feeds the dot.
@@ -281,9 +322,14 @@ def kivi_partial_kernel(
         # The scales and zeros are loaded one tile ahead: the pipeliner stages only the code
         # tiles the dots read, so a parameter loaded where it is used exposes a whole memory
         # latency every tile.
-        kp_next = _key_params(ks_base, kz_base, start, cap, sksn, G, DP, NPL, BITS, F16)
+        kp_next = _key_params(ks_base, kz_base, start, cap, sksn, G, DP, NPL)
         vp_next = _value_params(vs_base, vz_base, start + offs_n0, (start + offs_n0) < end, svsn,
                                 DP, VG, NGP, NPL, BITS, F16)
+    if G != BLOCK_N:
+        # The key group's scales and zeros folded into q once per group (below: where a tile
+        # starts one), not once per tile.
+        qa0, qa1, qa2, qa3, c = _fold_keys(q0, q1, q2, q3, _key_params(ks_base, kz_base, start, cap, sksn, G, DP, NPL),
+                                           NPL, BITS, F16)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + offs_n0
         ok_n = offs_n < end
@@ -291,27 +337,28 @@ def kivi_partial_kernel(
             ok_n = ok_n & (tl.load(MASK + offs_n, mask=ok_n, other=0) != 0)
         if PREFETCH:
             kp, vp = kp_next, vp_next
-            kp_next = _key_params(ks_base, kz_base, n0 + BLOCK_N, cap, sksn, G, DP, NPL, BITS, F16)
+            kp_next = _key_params(ks_base, kz_base, n0 + BLOCK_N, cap, sksn, G, DP, NPL)
             vp_next = _value_params(vs_base, vz_base, offs_n + BLOCK_N, (offs_n + BLOCK_N) < end, svsn,
                                     DP, VG, NGP, NPL, BITS, F16)
         else:
-            kp = _key_params(ks_base, kz_base, n0, cap, sksn, G, DP, NPL, BITS, F16)
+            kp = _key_params(ks_base, kz_base, n0, cap, sksn, G, DP, NPL)
             vp = _value_params(vs_base, vz_base, offs_n, ok_n, svsn, DP, VG, NGP, NPL, BITS, F16)
         # ---- scores [M, BLOCK_N] ----
         kb = tl.load(k_base + offs_n[None, :] * skn + offs_p[:, None], mask=ok_n[None, :], other=0)  # [DP, BLOCK_N]
         if KIVI_ASM:
             fk = _unpack_planes(kb, BITS, F16)
-            s = tl.dot(q0, _kivi_key_plane_asm(fk[0], kp[0], F16))
-            s = tl.dot(q1, _kivi_key_plane_asm(fk[1], kp[1], F16), s)
-            if NPL == 4:
-                s = tl.dot(q2, _kivi_key_plane_asm(fk[2], kp[2], F16), s)
-                s = tl.dot(q3, _kivi_key_plane_asm(fk[3], kp[3], F16), s)
         else:
-            s = _kivi_key_plane(q0, kb, kp[0], 0, BITS, F16)
-            s += _kivi_key_plane(q1, kb, kp[1], 1, BITS, F16)
-            if NPL == 4:
-                s += _kivi_key_plane(q2, kb, kp[2], 2, BITS, F16)
-                s += _kivi_key_plane(q3, kb, kp[3], 3, BITS, F16)
+            fk = _key_codes(kb, BITS, F16, q0.dtype)
+        if G == BLOCK_N:
+            qa0, qa1, qa2, qa3, c = _fold_keys(q0, q1, q2, q3, kp, NPL, BITS, F16)
+        elif (n0 % G == 0) & (n0 != start):
+            qa0, qa1, qa2, qa3, c = _fold_keys(q0, q1, q2, q3, kp, NPL, BITS, F16)
+        s = tl.dot(qa0, fk[0])
+        s = tl.dot(qa1, fk[1], s)
+        if NPL == 4:
+            s = tl.dot(qa2, fk[2], s)
+            s = tl.dot(qa3, fk[3], s)
+        s += c[:, None]
         if not F16:
             s = s * qk_scale
         s = tl.where(ok_n[None, :], s, float("-inf"))

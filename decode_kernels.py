@@ -59,6 +59,7 @@ KIVI_F16 = True  # KIVI codes as fp16, values dequantized with one FMA per pair 
 KIVI_PREFETCH = True  # KIVI scales and zeros loaded one tile ahead (else where they are used)
 MIN_SPLIT = 1024  # tokens of capacity per split at least (plan_splits) ...
 FILL_WARPS_PER_SM = 4  # ... unless that leaves the grid fewer warps than this per SM
+EXACT_SPLITS = 8  # the exact slots behind a body: one tile per split, up to this many splits
 COMBINE_BLOCK_D = 32  # channels per combine program
 INT8_OFFSET = 1152.0  # 1024 (the fp16 exponent the bytes sit under) + 128 (the flipped sign bit)
 INT8_OFFSET_T = tl.constexpr(INT8_OFFSET)  # the kernels read it as a global
@@ -297,6 +298,12 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
     # The body, when there is one, is nearly all the work: its config's waves and warps plan the grid.
     waves = waves if body is not None else exact_waves
     splits = plan_splits(B * Hkv, [s[1] for s in segments], [s[2] for s in segments], segments[0][3], sm_count, waves)
+    if body is not None:
+        # The exact slots behind a body (sink, window, a pending KIVI group: usually a few
+        # hundred) take one tile per split, up to EXACT_SPLITS: their kernel runs after the
+        # body's, and at batch 1 their tiles one after another in a few programs were a latency
+        # of their own.
+        splits[-1] = max(splits[-1], min(triton.cdiv(N, segments[-1][2]), EXACT_SPLITS))
     o_part = torch.empty(B, Hq, sum(splits), D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, Hq, sum(splits), device=q.device, dtype=torch.float32)
     common = dict(M=max(16, triton.next_power_of_2(n_rep)), N_REP=n_rep, D=D)

@@ -291,6 +291,39 @@ def test_many_splits_for_a_short_length_interpreted(triton_interpreter, monkeypa
     assert rel_err(out, ref) < 1e-2
 
 
+class GridSpy:
+    """Stands in for a Triton kernel and records the grid of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@interp
+@pytest.mark.parametrize("bits,N,exact_len,use_mask,splits", [(8, 600, 590, True, 8), (4, 300, 70, False, 5)])
+def test_exact_slots_behind_a_body_one_tile_per_split_interpreted(triton_interpreter, monkeypatch, bits, N, exact_len,
+                                                                   use_mask, splits):
+    """The exact slots behind a body run one 64-token tile per split, at most EXACT_SPLITS (the
+    plan alone, sized by the body's capacity, gives them one split here); splits past the exact
+    length stay empty."""
+    import decode_kernels
+    from decode_kernels import flash_decode
+
+    monkeypatch.setattr(decode_kernels, "FILL_WARPS_PER_SM", 0)
+    spy = GridSpy(decode_kernels.token_partial_kernel)
+    monkeypatch.setattr(decode_kernels, "token_partial_kernel", spy)
+    q, k, v, el, mask, body, bl = _case(22 + bits, 1, 2, 4, 64, N, exact_len, use_mask, bits, 32 if bits == 4 else 1,
+                                        256, 201, torch.float32)
+    ref = decode_attention_reference(q, k, v, el, mask, body, bl)
+    out = torch.full_like(q, float("nan"))
+    flash_decode(q, k, v, el, None if mask is None else mask.view(torch.uint8), body, bl, q.shape[-1] ** -0.5, out=out)
+    assert spy.grids[-1] == (2, splits)
+    assert rel_err(out, ref) < 1e-2
+
+
 KIVI_TILES = [
     # bits, (key group, value group), (BLOCK_N, num_warps): the shipped groups with the tiles the
     # benchmark sweeps (one-warp 32 and 64, four-warp 128), and groups wider than a plane

@@ -252,7 +252,11 @@ def plan_splits(bh: int, capacities: list[int], block_ns: list[int], warps: int,
     SM. The split count is fixed for the capacity, while the splits cut the current length: at
     batch 1 a cache sized for 128K runs 128 splits per KV head, not 256, because a split costs its
     program, its partial output and its share of the combine even when it holds one tile (on an
-    H200, one layer, 8K tokens of a 128K int8 cache: 19.6 us against 23.2; 128K: 89 against 94)."""
+    H200, one layer, 8K tokens of a 128K int8 cache: 19.6 us against 23.2; 128K: 89 against 94).
+    The exact slots behind a body (the segments after the first: sink, window, a pending KIVI
+    group, usually a few hundred) take one tile per split, up to EXACT_SPLITS: their kernel runs
+    after the body's, and at batch 1 their tiles one after another in a few programs were a
+    latency of their own (int4, 4-layer step: 27 -> 16 us)."""
     target = max(1, math.ceil(waves * sm_count / bh))
     total = sum(capacities)
     fill = FILL_WARPS_PER_SM * sm_count / (warps * bh)  # splits in all that give the grid that many warps
@@ -261,6 +265,8 @@ def plan_splits(bh: int, capacities: list[int], block_ns: list[int], warps: int,
     for cap, bn in zip(capacities, block_ns):
         s = max(1, round(target * cap / max(total, 1)))
         splits.append(max(1, min(s, math.ceil(cap / max(bn, per_split)))))
+    for i in range(1, len(splits)):
+        splits[i] = max(splits[i], min(math.ceil(capacities[i] / block_ns[i]), EXACT_SPLITS))
     return splits
 
 
@@ -298,12 +304,6 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
     # The body, when there is one, is nearly all the work: its config's waves and warps plan the grid.
     waves = waves if body is not None else exact_waves
     splits = plan_splits(B * Hkv, [s[1] for s in segments], [s[2] for s in segments], segments[0][3], sm_count, waves)
-    if body is not None:
-        # The exact slots behind a body (sink, window, a pending KIVI group: usually a few
-        # hundred) take one tile per split, up to EXACT_SPLITS: their kernel runs after the
-        # body's, and at batch 1 their tiles one after another in a few programs were a latency
-        # of their own.
-        splits[-1] = max(splits[-1], min(triton.cdiv(N, segments[-1][2]), EXACT_SPLITS))
     o_part = torch.empty(B, Hq, sum(splits), D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, Hq, sum(splits), device=q.device, dtype=torch.float32)
     common = dict(M=max(16, triton.next_power_of_2(n_rep)), N_REP=n_rep, D=D)

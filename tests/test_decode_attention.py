@@ -270,6 +270,11 @@ def test_split_plan():
     assert plan_splits(64, [32768], [64], 4, 132, 8) == [17]
     # A few tokens: one tile per split at the least.
     assert plan_splits(8, [64], [32], 1, 132, 16) == [2]
+    # The exact slots behind a body: one tile per split, at most EXACT_SPLITS (int4's 176, int2's
+    # 80; 1000 would be 16 tiles).
+    assert plan_splits(8, [131072, 176], [32, 64], 1, 132, 16) == [128, 3]
+    assert plan_splits(64, [32768, 80], [32, 64], 1, 132, 16) == [32, 2]
+    assert plan_splits(8, [131072, 1000], [32, 64], 1, 132, 16) == [128, 8]
 
 
 @interp

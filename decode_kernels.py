@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+import pdl
+
 
 # (format, D) -> (BLOCK_N, num_warps, num_stages, waves): waves = programs per SM the split grid
 # aims for. Chosen with scripts/bench_attention.py on an H200 (docs/kernels.md has the sweep): the
@@ -151,7 +153,9 @@ def token_partial_kernel(
     N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, FORMAT: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr, CONVERT_ASM: tl.constexpr, FP8_CVT: tl.constexpr,
     FP8_UNIT: tl.constexpr,  # what fp8_codes_to_f16 returns times this is the value (1 or 256)
+    PDL: tl.constexpr,
 ):
+    pdl.wait_for_inputs(PDL)
     b = tl.program_id(0) // Hkv
     h = tl.program_id(0) % Hkv
     start, end = split_bounds(LEN, cap, n_splits, HAS_LEN, BLOCK_N)
@@ -218,16 +222,19 @@ def token_partial_kernel(
 
     # ---- this split's normalized output and log2-sum-exp ----
     sp = split_offset + tl.program_id(1)
+    pdl.let_dependents_launch(PDL)
     inv_l, out_ok = finish_split(m_i, l_i, LSE, b * sl_b + heads * sl_h + sp, start, end, N_REP, M)
     tl.store(O + b * so_b + heads[:, None] * so_h + sp * so_s + offs_d[None, :], acc * inv_l[:, None],
              mask=out_ok[:, None])
 
 
 @triton.jit
-def combine_kernel(O, LSE, so_bh, so_s, sl_bh, OUT, sout_b, sout_h, Hq, S, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+def combine_kernel(O, LSE, so_bh, so_s, sl_bh, OUT, sout_b, sout_h, Hq, S, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PDL: tl.constexpr):
     """out [B, Hq, D] = the splits' outputs weighted by their share of the softmax mass, one
     program per (query head, BLOCK_D channels): at batch 1 the 32 heads alone would leave most
     SMs idle while each program's loads wait on its lse."""
+    pdl.wait_for_inputs(PDL)
     bh = tl.program_id(0)
     b = bh // Hq
     hq = bh % Hq
@@ -306,7 +313,8 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
     splits = plan_splits(B * Hkv, [s[1] for s in segments], [s[2] for s in segments], segments[0][3], sm_count, waves)
     o_part = torch.empty(B, Hq, sum(splits), D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, Hq, sum(splits), device=q.device, dtype=torch.float32)
-    common = dict(M=max(16, triton.next_power_of_2(n_rep)), N_REP=n_rep, D=D)
+    launch_pdl = pdl.options(q)
+    common = dict(M=max(16, triton.next_power_of_2(n_rep)), N_REP=n_rep, D=D, **launch_pdl)
     qk_scale = sm_scale * math.log2(math.e)  # the kernels use exp2
     offset = 0
     for (fmt, cap, block_n, warps, stages), n_splits in zip(segments, splits):
@@ -343,5 +351,6 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
     combine_kernel[(B * Hq, D // block_d)](
         o_part, lse, o_part.stride(1), o_part.stride(2), lse.stride(1), out, out.stride(0), out.stride(1), Hq, sum(splits),
         S_PAD=s_pad, BLOCK_D=block_d, num_warps=min(8, max(1, s_pad * block_d // 2048)),  # <= 64 fp32 of the tile per thread
+        **launch_pdl,
     )
     return out

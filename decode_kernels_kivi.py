@@ -29,6 +29,7 @@ mode, the interpreter) the same arithmetic is written with plain ops in fp32.
 import triton
 import triton.language as tl
 
+import pdl
 from decode_kernels import finish_split, online_softmax, split_bounds
 
 
@@ -277,8 +278,9 @@ def kivi_partial_kernel(
     qk_scale, Hkv, split_offset, n_splits, cap,
     N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
-    KIVI_ASM: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
+    KIVI_ASM: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.wait_for_inputs(PDL)
     b = tl.program_id(0) // Hkv
     h = tl.program_id(0) % Hkv
     start, end = split_bounds(LEN, cap, n_splits, HAS_LEN, BLOCK_N)
@@ -387,6 +389,7 @@ def kivi_partial_kernel(
 
     # ---- this split's normalized output and log2-sum-exp ----
     sp = split_offset + tl.program_id(1)
+    pdl.let_dependents_launch(PDL)
     inv_l, out_ok = finish_split(m_i, l_i, LSE, b * sl_b + heads * sl_h + sp, start, end, N_REP, M)
     o_row = O + b * so_b + heads * so_h + sp * so_s  # [M]
     o_p = o_row[:, None] + offs_p[None, :]  # plane i -> channels [i*DP, (i+1)*DP)

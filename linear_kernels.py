@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+import pdl
+
 # (weight kind, N, K, rows) -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split_k) for
 # decode-sized inputs: rows 1 (batch 1) or DECODE_ROWS (2 to 16 rows). Chosen on an H200 by
 # scripts/bench_linear.py (docs/linear.md).
@@ -131,12 +133,13 @@ def _to_f32(w, CONVERT_ASM: tl.constexpr):
 def linear_kernel(
     X, W, SCALE, BIAS, W_UP, SCALE_UP, Y, M, N, K, stride_xm, stride_wn, stride_ys, stride_ym, k_per_split,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT_ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT_ASM: tl.constexpr, PDL: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] block of y over the K range [pid_k * k_per_split, + k_per_split):
     written to Y[pid_k] (fp32 partial sums when K is split, the output itself when not).
     GATED (run unsplit): y = silu(x W^T) * (x W_UP^T), the MLP's gate and up, both [BLOCK_N, K]
     slabs streamed in the same loop."""
+    pdl.wait_for_inputs(PDL)
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -178,6 +181,7 @@ def linear_kernel(
                 u_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+    pdl.let_dependents_launch(PDL)
     if HAS_SCALE:
         acc *= tl.load(SCALE + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if GATED:
@@ -226,5 +230,6 @@ def triton_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
         HAS_SCALE=scales is not None, HAS_BIAS=bias is not None, GATED=gated, EVEN_N=n % block_n == 0,
         EVEN_K=k % k_per_split == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         CONVERT_ASM=INT8_ASM and weight.dtype == torch.int8 and x.is_cuda, num_warps=warps, num_stages=stages,
+        **pdl.options(x),
     )
     return y[0] if split == 1 else y.sum(0).to(x.dtype)

@@ -109,7 +109,9 @@ def _kernel():
         return tl.sum(c << shift[None, :, None], axis=1).to(tl.uint8)
 
     # Triton resolves the helpers a kernel calls among the module's globals, not this closure.
-    globals().update(_next_up=_next_up, _next_down=_next_down, _asymmetric=_asymmetric, _pack=_pack)
+    import pdl
+
+    globals().update(_next_up=_next_up, _next_down=_next_down, _asymmetric=_asymmetric, _pack=_pack, pdl=pdl)
 
     @triton.jit
     def _ring_append_kernel(
@@ -124,10 +126,11 @@ def _kernel():
         D: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, HAS_BODY: tl.constexpr, BITS: tl.constexpr,
         SCALE_BITS: tl.constexpr,
         N_PAD: tl.constexpr, FP8: tl.constexpr, ROPE: tl.constexpr, N_REP: tl.constexpr, N_REP_PAD: tl.constexpr,
-        RING: tl.constexpr,
+        RING: tl.constexpr, PDL: tl.constexpr,
     ):
         """RING: a sink + ring cache (slots, eviction, validity as above); else a full cache, the
         token at slot `pos` and its valid length pos + 1 (BODY_LEN) written."""
+        pdl.wait_for_inputs(PDL)
         bh = tl.program_id(0)
         b = bh // Hkv
         h = bh % Hkv
@@ -241,6 +244,8 @@ def _ring_append_triton(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evi
                         k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, fp8, value_group, ring=True):
     """The kernel's launch; ring=False writes a full cache (exact_k/v its k/v cache, slot = pos,
     no body, an empty validity output and the cache's length pos + 1 in place of body_len)."""
+    import pdl
+
     triton, kernel = _kernel()
     B, Hkv, N, D = exact_k.shape
     rope = freqs is not None
@@ -273,6 +278,7 @@ def _ring_append_triton(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evi
         # No multiply-add contraction: zero + scale * qmax, and RoPE's products and sums, must
         # round one by one, as in PyTorch.
         enable_fp_fusion=False,
+        **pdl.options(k),
     )
     return q_rot, valid, body_len
 

@@ -49,7 +49,7 @@ def logits_step(model, x, input_pos):
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(map(str, s.values())))
-@pytest.mark.parametrize("batch", [3])
+@pytest.mark.parametrize("batch", [1, 3])
 def test_kernel_path_matches_pytorch_path(settings, batch):
     model = model_on_gpu()
     tokens = torch.randint(0, 512, (batch, 300), device="cuda")

@@ -200,3 +200,11 @@ def test_int8_ptx_conversion_equals_the_casts(monkeypatch, config):
         casts = lk.triton_linear(x, w, scales, None)
         assert torch.equal(ptx, casts), (n, k)
         assert rel_err(ptx, reference(x, w, scales, None)) < BF16_TOL
+
+
+def test_cpu_tensors_never_ask_for_dependent_launch():
+    """pdl.options: the interpreter gets the constexpr off and no launch attribute it would reject."""
+    pytest.importorskip("triton")
+    import pdl
+
+    assert pdl.options(torch.zeros(1)) == {"PDL": False}

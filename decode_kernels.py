@@ -233,7 +233,9 @@ def combine_kernel(O, LSE, so_bh, so_s, sl_bh, OUT, sout_b, sout_h, Hq, S, S_PAD
                    PDL: tl.constexpr):
     """out [B, Hq, D] = the splits' outputs weighted by their share of the softmax mass, one
     program per (query head, BLOCK_D channels): at batch 1 the 32 heads alone would leave most
-    SMs idle while each program's loads wait on its lse."""
+    SMs idle while each program's loads wait on its lse. It lets the next kernel (the output
+    projection) launch at once: its programs are one wave, all on the SMs already."""
+    pdl.let_dependents_launch(PDL)
     pdl.wait_for_inputs(PDL)
     bh = tl.program_id(0)
     b = bh // Hq

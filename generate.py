@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 import tp
+from argmax import argmax
 from default_model import DEFAULT_CHECKPOINT, DefaultModelUnavailable, prepare_default
 from kv_cache import full_cache_nbytes
 from model import ModelArgs, Transformer
@@ -155,7 +156,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], shard
     token, so no softmax either."""
     if temperature > 0:
         logits = race_scores(logits, temperature, top_k, shard)
-    return logits.argmax(dim=-1, keepdim=True) if shard is None else shard.argmax(logits)
+    return argmax(logits) if shard is None else shard.argmax(logits)
 
 
 def race_scores(logits: torch.Tensor, temperature: float, top_k: Optional[int], shard: Optional[tp.VocabShard]) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import linear_op
+import norm_op
 from profiling import profiler_range
 from rope import precompute_freqs_cis
 
@@ -118,12 +119,12 @@ class Transformer(nn.Module):
         without the gather of every rank's."""
         assert self.freqs_cis is not None, "call setup_caches() first"
         freqs_cis = self.freqs_cis[input_pos]
-        x = self.tok_embeddings(idx)
+        x, delta = self.tok_embeddings(idx), None
         for layer in self.layers:
-            x = layer(x, input_pos, freqs_cis)
+            x, delta = layer(x, delta, input_pos, freqs_cis)
         if last_only:
-            x = x[:, -1:]
-        x = self.norm(x)
+            x, delta = x[:, -1:], (None if delta is None else delta[:, -1:])
+        _, x = self.norm(x, delta)
         shard = getattr(self, "vocab_shard", None)  # this rank's slice of the vocabulary (tp.shard)
         if self.output is not None:  # tp.shard cut it to the slice's rows
             logits = self.output(x)
@@ -144,9 +145,15 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), input_pos, freqs_cis)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x: torch.Tensor, delta: Optional[torch.Tensor], input_pos: torch.Tensor,
+                freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream entering the block is x + delta, delta the block before's MLP output
+        (None for the first block): each add happens inside the norm after it (norm_op), one
+        kernel on a GPU. Returns (the stream after attention, the MLP's output) for the next
+        block, or the final norm, to add the same way."""
+        h, normed = self.attention_norm(x, delta)
+        h, normed = self.ffn_norm(h, self.attention(normed, input_pos, freqs_cis))
+        return h, self.feed_forward(normed)
 
 
 class Attention(nn.Module):
@@ -205,7 +212,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+    def forward(self, x: torch.Tensor, delta: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, the norm of x + delta); without delta (x, the norm of x)."""
+        return norm_op.add_rms_norm(x, delta, self.weight, self.eps)

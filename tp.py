@@ -67,6 +67,8 @@ import torch.distributed._symmetric_memory as symm_mem
 import torch.nn as nn
 import torch.nn.functional as F
 
+from argmax import argmax
+
 ALL_REDUCES = ("nccl", "symm_mem")
 # Set whatever the user's environment says (not setdefault): a program that uses NVLink multicast
 # (NCCL's NVLS algorithms, symmetric memory's multimem) can take the host's GPUs out of service.
@@ -305,7 +307,7 @@ class VocabShard:
     def argmax(self, scores: torch.Tensor) -> torch.Tensor:
         """Every rank's [B, share] -> the token id [B, 1] of the largest score of the whole
         vocabulary; among equal scores the lowest id, as torch.argmax over all of them picks."""
-        local_id = scores.argmax(dim=-1, keepdim=True)  # [B, 1]: the lowest of this rank's ties
+        local_id = argmax(scores)  # [B, 1]: the lowest of this rank's ties
         # Score and id in one gather: ids below 2^24 are exact in fp32.
         pair = torch.cat([scores.gather(-1, local_id).float(), (local_id + self.start).float()], dim=-1)  # [B, 2]
         every = self._all_gather(pair).view(self.world, -1, 2)  # [W, B, 2]

@@ -60,7 +60,7 @@ KIVI_ASM = True  # KIVI tiles unpacked and dequantized with PTX (decode_kernels_
 KIVI_F16 = True  # KIVI codes as fp16, values dequantized with one FMA per pair (else bf16 with two)
 KIVI_PREFETCH = True  # KIVI scales and zeros loaded one tile ahead (else where they are used)
 MIN_SPLIT = 1024  # tokens of capacity per split at least (plan_splits) ...
-FILL_WARPS_PER_SM = 4  # ... unless that leaves the grid fewer warps than this per SM
+FILL_WARPS_PER_SM = 8  # ... unless that leaves the grid fewer warps than this per SM
 EXACT_SPLITS = 8  # the exact slots behind a body: one tile per split, up to this many splits
 COMBINE_BLOCK_D = 32  # channels per combine program
 INT8_OFFSET = 1152.0  # 1024 (the fp16 exponent the bytes sit under) + 128 (the flipped sign bit)
@@ -259,9 +259,11 @@ def plan_splits(bh: int, capacities: list[int], block_ns: list[int], warps: int,
     capacity, at least MIN_SPLIT tokens of capacity (and one tile) per split, or fewer tokens where
     MIN_SPLIT would leave the grid fewer than FILL_WARPS_PER_SM warps (of `warps` per program) per
     SM. The split count is fixed for the capacity, while the splits cut the current length: at
-    batch 1 a cache sized for 128K runs 128 splits per KV head, not 256, because a split costs its
-    program, its partial output and its share of the combine even when it holds one tile (on an
-    H200, one layer, 8K tokens of a 128K int8 cache: 19.6 us against 23.2; 128K: 89 against 94).
+    batch 1 a cache sized for 128K runs 132 splits per KV head (about 1000 tokens each), not 256,
+    because a split costs its program, its partial output and its share of the combine even when
+    it holds one tile (on an H200, one layer, 8K tokens of a 128K int8 cache: 19.6 us against
+    23.2; 128K: 89 against 94). Eight warps per SM, not four: one layer at batch 1 / 32K, int8
+    29.7 us against 45.9 (docs/kernels.md).
     The exact slots behind a body (the segments after the first: sink, window, a pending KIVI
     group, usually a few hundred) take one tile per split, up to EXACT_SPLITS: their kernel runs
     after the body's, and at batch 1 their tiles one after another in a few programs were a

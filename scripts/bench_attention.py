@@ -5,14 +5,15 @@ slots, int8, fp8, KIVI int4/int2), the Triton kernel against F.scaled_dot_produc
 a bf16 cache of the same length, next to the floor: bytes the call must read over the measured
 copy bandwidth. Every timed configuration is also checked against decode_attention_reference.
 
-    python3 -m scripts.bench_attention [--sweep] [--variants] [--splits] [--capacity C] [--sass] [--out DIR]
+    python3 -m scripts.bench_attention [--sweep] [--variants] [--splits] [--fill] [--capacity C] [--sass] [--out DIR]
 
 The KIVI modes int4 and int2 use the shipped groups (strategies.KIVI_GROUPS). --sweep times other
 (BLOCK_N, warps, stages) and split counts at batch 8 / 32K; --variants times each format with one
 of decode_kernels' switches flipped at a time (VARIANTS: the 8-bit conversions as plain casts;
 KIVI's scales loaded where used, bf16 dequantization, no PTX), to see what each stage costs;
 --sass writes each compiled kernel's SASS next to the JSON. --splits times every case with
-decode_kernels.MIN_SPLIT at each of SPLIT_SWEEP. --capacity C sizes every cache for C
+decode_kernels.MIN_SPLIT at each of SPLIT_SWEEP, --fill with FILL_WARPS_PER_SM at each of
+FILL_SWEEP. --capacity C sizes every cache for C
 tokens with each case's S valid, as the whole-step benchmark sizes its caches for the longest
 context (the kernels plan their splits for the capacity): at batch 1 a short context then runs
 in other splits than a cache of its own length. Writes bench_attention.json (and prints a table)
@@ -54,6 +55,9 @@ MODE_FORMAT = {"bf16": "exact"}  # else the mode is the format
 # 1024; the split count is also capped by the config's waves and raised by the fill rule of
 # plan_splits), at every case.
 SPLIT_SWEEP = (256, 512, 1024, 2048, 4096)
+# What --fill sets decode_kernels.FILL_WARPS_PER_SM to (the fewest warps per SM the split grid
+# keeps, shipped 8), at every case.
+FILL_SWEEP = (4, 8, 16, 32)
 # What --variants flips per format, one at a time (module switches of decode_kernels).
 VARIANTS = {"int8": ("CONVERT_ASM",), "fp8": ("CONVERT_ASM",),
             **{m: ("KIVI_PREFETCH", "KIVI_F16", "KIVI_ASM") for m in ("int4", "int2")}}
@@ -146,14 +150,17 @@ def kernel_call(a):
 
 class Switched:
     """decode_kernels' tuning switches set for a while: a format's config (BLOCK_N, warps,
-    stages, waves), a module switch flipped from its shipped value, MIN_SPLIT."""
+    stages, waves), a module switch flipped from its shipped value, MIN_SPLIT, FILL_WARPS_PER_SM."""
 
-    def __init__(self, mode, config=None, flip=None, min_split=None):
+    def __init__(self, mode, config=None, flip=None, min_split=None, fill=None):
         self.key = (MODE_FORMAT.get(mode, mode), D)
-        self.config, self.flip, self.min_split = config, flip, min_split
+        self.config, self.flip, self.min_split, self.fill = config, flip, min_split, fill
 
     def __enter__(self):
         self.saved_config, self.saved_min_split = dk.CONFIGS[self.key], dk.MIN_SPLIT
+        self.saved_fill = dk.FILL_WARPS_PER_SM
+        if self.fill:
+            dk.FILL_WARPS_PER_SM = self.fill
         if self.config:
             dk.CONFIGS[self.key] = tuple(self.config)
         if self.flip:
@@ -164,6 +171,7 @@ class Switched:
 
     def __exit__(self, *exc):
         dk.CONFIGS[self.key], dk.MIN_SPLIT = self.saved_config, self.saved_min_split
+        dk.FILL_WARPS_PER_SM = self.saved_fill
         if self.flip:
             setattr(dk, self.flip, self.saved_switch)
 
@@ -230,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cache formats, comma separated, from {', '.join(MODES)} (default: %(default)s)")
     p.add_argument("--splits", action="store_true",
                    help=f"also time each case with decode_kernels.MIN_SPLIT at each of {SPLIT_SWEEP}")
+    p.add_argument("--fill", action="store_true",
+                   help=f"also time each case with decode_kernels.FILL_WARPS_PER_SM at each of {FILL_SWEEP}")
     p.add_argument("--variants", action="store_true",
                    help="also time each format with each of its switches flipped (VARIANTS)")
     p.add_argument("--sass", action="store_true", help="write every compiled kernel's SASS next to the JSON")
@@ -342,6 +352,12 @@ def main(argv=None):
                     entry = {"min_split": min_split}
                     check_and_time(entry, a0, sets, ref, Switched(mode, min_split=min_split))
                     row["splits"].append(entry)
+            if args.fill:
+                row["fill"] = []
+                for fill in FILL_SWEEP:
+                    entry = {"fill": fill}
+                    check_and_time(entry, a0, sets, ref, Switched(mode, fill=fill))
+                    row["fill"].append(entry)
             if args.variants:
                 row["variants"] = []
                 for switch in VARIANTS.get(MODE_FORMAT.get(mode, mode), ()):
@@ -390,14 +406,16 @@ def main(argv=None):
         else:
             print(f"| {r['B']} | {r['S']} | {r['mode']} | error: {r['error'][:80]} |")
     split_rows = [(r, e) for r in rows for e in r.get("splits", [])]
+    fill_rows = [(r, e) for r in rows for e in r.get("fill", [])]
     variants = [(r, v) for r in rows for v in r.get("variants", [])]
     print_against_shipped(split_rows, "MIN_SPLIT", "min_split")
+    print_against_shipped(fill_rows, "FILL_WARPS_PER_SM", "fill")
     print_against_shipped(variants, "flipped", "flipped")
     if args.sass:
         write_sass(args.out)
     save()
     print(f"wrote {out_path}")
-    if n_wrong := sum(map(wrong, rows + sweep + [v for _, v in variants] + [e for _, e in split_rows])):
+    if n_wrong := sum(map(wrong, rows + sweep + [v for _, v in variants] + [e for _, e in split_rows + fill_rows])):
         sys.exit(f"error: {n_wrong} kernel results differ from decode_attention_reference by more than {REL_TOL} "
                  f"(rel_err in {out_path}): a kernel bug; run tests/test_decode_attention.py on this GPU")
 

@@ -256,13 +256,14 @@ def test_split_plan():
     FILL_WARPS_PER_SM warps per SM; never more than the waves' target, never less than a tile."""
     from decode_kernels import FILL_WARPS_PER_SM, MIN_SPLIT, plan_splits
 
-    assert (MIN_SPLIT, FILL_WARPS_PER_SM) == (1024, 4)  # the values the figures below assume
-    # int8 (one-warp programs, 16 waves), batch 1: a 128K body gets 128 splits of 1024 tokens
+    assert (MIN_SPLIT, FILL_WARPS_PER_SM) == (1024, 8)  # the values the figures below assume
+    # int8 (one-warp programs, 16 waves), batch 1: 1024-token splits of a 128K body would be 1024
+    # one-warp programs, under eight per SM: the fill rule makes it 132 splits of ~993 tokens
     # (the waves' target is 264), the 49 exact slots behind it one.
-    assert plan_splits(8, [131072, 49], [32, 64], 1, 132, 16) == [128, 1]
+    assert plan_splits(8, [131072, 49], [32, 64], 1, 132, 16) == [132, 1]
     # batch 1, an 8K body: 1024-token splits would be 8 programs per KV head, 64 one-warp
-    # programs on 132 SMs; the fill rule cuts 8K into 66 splits of ~125 tokens (528 warps in all).
-    assert plan_splits(8, [8192, 49], [32, 64], 1, 132, 16) == [66, 1]
+    # programs on 132 SMs; the fill rule cuts 8K into 132 splits of ~62 tokens (1056 warps in all).
+    assert plan_splits(8, [8192, 49], [32, 64], 1, 132, 16) == [132, 1]
     # batch 8 / 32K: the waves' target (33) and MIN_SPLIT (32) agree.
     assert plan_splits(64, [32768, 49], [32, 64], 1, 132, 16) == [32, 1]
     # bf16 (four-warp programs, 8 waves): batch 1 / 128K 128 splits, batch 8 / 32K the target 17.
@@ -272,9 +273,9 @@ def test_split_plan():
     assert plan_splits(8, [64], [32], 1, 132, 16) == [2]
     # The exact slots behind a body: one tile per split, at most EXACT_SPLITS (int4's 176, int2's
     # 80; 1000 would be 16 tiles).
-    assert plan_splits(8, [131072, 176], [32, 64], 1, 132, 16) == [128, 3]
+    assert plan_splits(8, [131072, 176], [32, 64], 1, 132, 16) == [132, 3]
     assert plan_splits(64, [32768, 80], [32, 64], 1, 132, 16) == [32, 2]
-    assert plan_splits(8, [131072, 1000], [32, 64], 1, 132, 16) == [128, 8]
+    assert plan_splits(8, [131072, 1000], [32, 64], 1, 132, 16) == [132, 8]
 
 
 @interp

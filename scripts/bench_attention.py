@@ -346,18 +346,13 @@ def main(argv=None):
             check_and_time(row, a0, sets, ref, Switched(mode))
             if "ms" in row:
                 row["TBps"] = nbytes / row["ms"] / 1e9
-            if args.splits:
-                row["splits"] = []
-                for min_split in SPLIT_SWEEP:
-                    entry = {"min_split": min_split}
-                    check_and_time(entry, a0, sets, ref, Switched(mode, min_split=min_split))
-                    row["splits"].append(entry)
-            if args.fill:
-                row["fill"] = []
-                for fill in FILL_SWEEP:
-                    entry = {"fill": fill}
-                    check_and_time(entry, a0, sets, ref, Switched(mode, fill=fill))
-                    row["fill"].append(entry)
+            # row key: (the Switched setting, its values, asked for)
+            for key, (setting, values, asked) in {"splits": ("min_split", SPLIT_SWEEP, args.splits),
+                                                  "fill": ("fill", FILL_SWEEP, args.fill)}.items():
+                if asked:
+                    row[key] = [{setting: value} for value in values]
+                    for entry in row[key]:
+                        check_and_time(entry, a0, sets, ref, Switched(mode, **entry))
             if args.variants:
                 row["variants"] = []
                 for switch in VARIANTS.get(MODE_FORMAT.get(mode, mode), ()):

@@ -15,8 +15,8 @@ Categories, for an event and its ancestors on the same thread:
   2. else the outermost enclosing op with a known name: SDPA, flash attention and our decode
      kernel `kvcache::decode_attention` are attention; aten::linear/mm/addmm/bmm/matmul/einsum
      are matmuls (an outermost SDPA swallows the bmm's of its math path);
-  3. else, for a GPU kernel, its own name (gemm/gemv -> matmul, flash/fmha/decode_attention ->
-     attention); else "other".
+  3. else, for a GPU kernel, its own name (gemm/gemv and the engine's linear_kernel -> matmul;
+     flash/fmha and the engine's decode-attention kernels -> attention); else "other".
 """
 from collections import defaultdict
 
@@ -32,6 +32,7 @@ MATMUL_KERNELS = ("gemm", "gemv", "cublas", "cutlass", "xmma", "nvjet", "matmul"
 # The decode-attention Triton kernels (decode_kernels*.py): named here because CUDA-graph replays
 # (--compile on CUDA) hide the op that launched them.
 DECODE_KERNELS = {"token_partial_kernel", "kivi_partial_kernel", "combine_kernel"}
+LINEAR_KERNELS = {"linear_kernel"}  # the products' Triton kernel (linear_kernels.py), for the same reason
 DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 HOST_CATS = {"cpu_op", "user_annotation", "cuda_runtime", "cuda_driver"}
 METADATA_KEY = "engine_profile"
@@ -50,7 +51,7 @@ def kernel_category(name: str) -> str:
     low = name.lower()
     if name in DECODE_KERNELS or "decode_attention" in low or any(p in low for p in ATTENTION_KERNELS):
         return "attention"
-    if any(p in low for p in MATMUL_KERNELS):
+    if name in LINEAR_KERNELS or any(p in low for p in MATMUL_KERNELS):
         return "matmul"
     return "other"
 

@@ -291,6 +291,18 @@ def test_categorizer_rules_on_a_synthetic_host_trace():
     assert s["ranges_seen"] == ["kv_attend", "kv_dequantize", "kv_quantize"]
 
 
+def test_graph_replayed_engine_kernels_are_named_by_their_own_names():
+    """Under --compile on CUDA the kernels replay from a CUDA graph with no launching op: the
+    engine's products and decode attention are still matmul and attention, by their names."""
+    trace = {"traceEvents": [
+        _x("linear_kernel", 0, 50, cat="kernel"), _x("token_partial_kernel", 50, 20, cat="kernel"),
+        _x("combine_kernel", 70, 5, cat="kernel"), _x("add_rms_norm_kernel", 75, 5, cat="kernel"),
+        _x("_ring_append_kernel", 80, 4, cat="kernel"),
+    ]}
+    s = sp.summarize(trace)
+    assert s["times_us"] == pytest.approx({"attention": 25, "matmul": 50, "kv_quant": 0, "other": 9})
+
+
 def test_categorizer_charges_kernels_to_their_launching_op():
     trace = {"traceEvents": [
         _x("aten::linear", 0, 10, **{"External id": 1}), _x("cudaLaunchKernel", 2, 1, cat="cuda_runtime", correlation=7),

@@ -6,13 +6,17 @@ while the SMs idle. Launched with PDL, a kernel's programs may start once every 
 kernel before it has called `let_dependents_launch` (or exited), and they wait in
 `wait_for_inputs` for that kernel to finish before they read its outputs or write anything.
 
-Where the signal goes matters. Given at a program's start, the next kernel's programs landed on
-the SMs that happened to free up first and waited there, which unbalanced it: 4-layer steps on an
-H200 ran 2-7% slower at batch 8. Given after the main loop (the linear and attention kernels;
-the others just exit), the next kernel's launch overlaps only the last programs' epilogues, and
-no case measured more than 0.2% slower (docs/results.md). Every program of every kernel launched this way calls
-`wait_for_inputs` before its first load of another kernel's output and its first store, so a
-kernel finishes only after the one before it has, and the order of results is what it was.
+Where the signal goes matters. Given at the start of a weight product's or attention kernel's
+programs, the next kernel's programs landed on the SMs that happened to free up first and waited
+there, which unbalanced it: 4-layer steps on an H200 ran 2-7% slower at batch 8. So those kernels
+signal after their main loop, and the next kernel's launch overlaps only their last programs'
+epilogues (no case measured more than 0.2% slower, docs/results.md). Kernels whose programs are
+one short wave (the RMSNorm, the attention combine) signal at their start: their programs are all
+on the SMs already, and the product after them is waiting there when they end. The ring write
+never signals (the next kernel launches as its programs exit). Every program of every kernel
+launched this way calls `wait_for_inputs` before its first load of another kernel's output and
+its first store, so a kernel finishes only after the one before it has, and the order of
+results is what it was.
 
 Only the engine's own kernels launch this way; inductor's (its `enable_pdl` option) did not gain
 on top. On an A100 (sm_80) nothing changes: the kernels compile without the instructions.
@@ -50,6 +54,7 @@ def wait_for_inputs(PDL: tl.constexpr):
 
 @triton.jit
 def let_dependents_launch(PDL: tl.constexpr):
-    """After the main loop: the next kernel may launch once every program got here or exited."""
+    """The next kernel may launch once every program got here or exited (after the main loop, or
+    at the start of a one-wave kernel: the module's docstring says where)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()

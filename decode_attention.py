@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+import kv_quant
 from kv_quant import QuantizedBody, dequantize_body
 
 
@@ -111,14 +112,22 @@ def _check_args(q, k, v, exact_len, exact_mask, body, body_len):
     want = (B, Hkv, L)
     for name in ("k_codes", "v_codes", "k_scale", "v_scale"):
         t = getattr(body, name)
-        _check(t.dim() == 4 and t.shape[:2] == want[:2], f"body.{name} must be [B={B}, Hkv={Hkv}, ...], got {tuple(t.shape)}")
-        _check(t.stride(3) == 1, f"body.{name} must be contiguous in the last dim")
+        blocks = name == "v_codes" and body.bits == 8
+        _check(t.dim() == (5 if blocks else 4) and t.shape[:2] == want[:2],
+               f"body.{name} must be [B={B}, Hkv={Hkv}, ...]"
+               + (f" in whole blocks of {kv_quant.VALUE_BLOCK} tokens (kv_quant.block_value_codes)" if blocks else "")
+               + f", got {tuple(t.shape)}")
+        _check(t.stride(-1) == 1, f"body.{name} must be contiguous in the last dim")
     _check(body.k_scale.dtype == q.dtype and body.v_scale.dtype == q.dtype, "body scales must be in q's dtype")
     if body.bits == 8:
         code_dtype = torch.uint8 if body.fp8 else torch.int8
         _check(body.k_codes.dtype == code_dtype and body.v_codes.dtype == code_dtype,
                f"{body.format} codes must be {code_dtype} ({'e4m3 bit patterns' if body.fp8 else 'int8'})")
-        _check(body.k_codes.shape == want + (D,) and body.v_codes.shape == want + (D,), "bits 8 codes must be [B, Hkv, L, D]")
+        vb = kv_quant.VALUE_BLOCK
+        _check(body.k_codes.shape == want + (D,), "bits 8 key codes must be [B, Hkv, L, D]")
+        _check(L % vb == 0 and body.v_codes.shape == (B, Hkv, L // vb, D, vb) and body.v_codes.stride(3) == vb,
+               f"bits 8 value codes must be whole blocks of {vb} tokens, [B, Hkv, L / {vb}, D, {vb}] "
+               f"(kv_quant.block_value_codes), with L = {L} a multiple of {vb}")
         _check(body.k_scale.shape == want + (1,) and body.v_scale.shape == want + (1,), "bits 8 scales must be [B, Hkv, L, 1]")
         return
     _check(body.bits in (4, 2), f"body.bits must be 8, 4 or 2, got {body.bits}")

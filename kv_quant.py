@@ -145,11 +145,44 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return planes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
 
 
+# Tokens per block of 8-bit value codes. The decode kernel's P.V dot reduces over tokens, so it
+# wants each channel's tokens side by side: from token-major rows its operand is gathered out of
+# shared memory byte by byte (on an H200, 128 one-byte loads per thread per 32-token tile), and
+# with a fully channel-major layout each channel of a tile is a 32-byte piece of its own DRAM page.
+# A block of 32 tokens, channel-major inside, is one contiguous 4 KB tile (D = 128) and both.
+VALUE_BLOCK = 32
+
+
+def block_value_codes(codes: torch.Tensor) -> torch.Tensor:
+    """codes [B, H, L, D] (L a multiple of VALUE_BLOCK) -> [B, H, L / VALUE_BLOCK, D, VALUE_BLOCK]."""
+    b, h, n, d = codes.shape
+    return codes.reshape(b, h, n // VALUE_BLOCK, VALUE_BLOCK, d).transpose(3, 4).contiguous()
+
+
+def unblock_value_codes(blocked: torch.Tensor) -> torch.Tensor:
+    """block_value_codes undone: [B, H, L / VALUE_BLOCK, D, VALUE_BLOCK] -> [B, H, L, D]."""
+    b, h, n, d, t = blocked.shape
+    return blocked.transpose(3, 4).reshape(b, h, n * t, d)
+
+
+def value_code_rows(blocked: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Token rows `index` [n] of blocked value codes: [B, H, n, D]."""
+    return blocked[:, :, index // VALUE_BLOCK, :, index % VALUE_BLOCK].permute(1, 2, 0, 3)  # from [n, B, H, D]
+
+
+def write_value_code_rows(blocked: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """Token rows `index` [n] of blocked value codes set to rows [B, H, n, D], in place."""
+    blocked[:, :, index // VALUE_BLOCK, :, index % VALUE_BLOCK] = rows.permute(2, 0, 1, 3)  # [n, B, H, D]
+
+
 class QuantizedBody(NamedTuple):
     """The quantized part of a cache, tokens [0, body_len) of capacity L.
 
-    bits 8: k/v_codes [B, Hkv, L, D] int8 (or uint8 e4m3 bit patterns when fp8), k/v_scale
-    [B, Hkv, L, 1], zeros None.
+    bits 8: k_codes [B, Hkv, L, D] int8 (or uint8 e4m3 bit patterns when fp8), v_codes the same
+    codes in blocks of VALUE_BLOCK tokens, channel-major inside a block,
+    [B, Hkv, L / VALUE_BLOCK, D, VALUE_BLOCK] (block_value_codes), k/v_scale [B, Hkv, L, 1], zeros
+    None. Every code must be a valid one, also past body_len (fp8: no NaN pattern): the kernel
+    reads a tile's value codes past the length and weights them by zero.
     bits 4/2 (KIVI): k/v_codes uint8 [B, Hkv, L, D*bits/8] (planar), k_scale/k_zero
     [B, Hkv, L/key_group, D] (per channel over groups of key_group tokens), v_scale/v_zero
     [B, Hkv, L, D/value_group] (per token over groups of value_group channels).
@@ -181,7 +214,8 @@ def quantize_blocks(k: torch.Tensor, v: torch.Tensor, bits: int, key_group: int,
                     dtype: torch.dtype) -> tuple:
     """What leaves the window, quantized: k, v [B, H, n * G, D] (n blocks of G tokens; G = 1 for
     int8/fp8, the KIVI key group otherwise) -> the six QuantizedBody tensors' new rows, in its layout:
-    token-indexed ones [B, H, n * G, X], KIVI key scale/zero [B, H, n, D], zeros None for 8-bit.
+    token-indexed ones [B, H, n * G, X] (8-bit value codes as rows too: write_value_code_rows puts
+    them into their blocks), KIVI key scale/zero [B, H, n, D], zeros None for 8-bit.
     The one eviction of the engine: the cache's PyTorch path and ring_append's reference call it."""
     if bits == 8:
         quantize = quantize_fp8_per_token if fp8 else quantize_symmetric_per_token
@@ -197,7 +231,8 @@ def dequantize_body(body: QuantizedBody, dtype=torch.float32):
     """QuantizedBody -> (k, v), each [B, Hkv, L, D] in `dtype`."""
     if body.bits == 8:
         dequantize = dequantize_fp8_per_token if body.fp8 else dequantize_symmetric_per_token
-        return dequantize(body.k_codes, body.k_scale, dtype), dequantize(body.v_codes, body.v_scale, dtype)
+        return (dequantize(body.k_codes, body.k_scale, dtype),
+                dequantize(unblock_value_codes(body.v_codes), body.v_scale, dtype))
     kg, vg = body.key_group, body.value_group
     k = dequantize_asymmetric(unpack_codes(body.k_codes, body.bits), expand_per_channel(body.k_scale, kg),
                               expand_per_channel(body.k_zero, kg), dtype)

@@ -11,7 +11,9 @@ A decode step on the GPU quantizes what leaves (a token, or a completed group) i
 ring_append kernel that writes the new token; prefill chunks and the CPU do it in evict() below.
 
 Body layout: token-indexed tensors are [B, H, (n_groups + 1) * G, X] (G = evict_block, the +1
-group is a trash group for masked writes); per-group key parameters are [B, H, n_groups + 1, D].
+group is a trash group for masked writes; int8/fp8 round the rows up to whole blocks of value
+codes, which are [B, H, rows / VALUE_BLOCK, D, VALUE_BLOCK], kv_quant.block_value_codes);
+per-group key parameters are [B, H, n_groups + 1, D].
 """
 import torch
 
@@ -38,13 +40,16 @@ class QuantizedCache(SinkWindowCache):
         self.bits, self.key_group, self.value_group, self.fp8 = bits, key_group, value_group, fp8
         self.n_groups = -(-max(max_seq_length - sink_size, 1) // block)
         tokens = (self.n_groups + 1) * block
+        if bits == 8:  # whole blocks of value codes (kv_quant.VALUE_BLOCK)
+            tokens = -(-tokens // kq.VALUE_BLOCK) * kq.VALUE_BLOCK
         b, h, d = batch_size, n_kv_heads, head_dim
         zeros = lambda *shape, dt=dtype: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
         if bits == 8:
             code_dtype = torch.uint8 if fp8 else torch.int8  # fp8: e4m3 bit patterns (kv_quant)
             buffers = dict(
                 k_codes=zeros(b, h, tokens, d, dt=code_dtype), k_scale=zeros(b, h, tokens, 1),
-                v_codes=zeros(b, h, tokens, d, dt=code_dtype), v_scale=zeros(b, h, tokens, 1),
+                v_codes=zeros(b, h, tokens // kq.VALUE_BLOCK, d, kq.VALUE_BLOCK, dt=code_dtype),
+                v_scale=zeros(b, h, tokens, 1),
             )
         else:
             packed = d * bits // 8
@@ -81,7 +86,9 @@ class QuantizedCache(SinkWindowCache):
         key_group_dest = dest if self.bits != 8 else token_dest  # KIVI key scale/zero: one row per group
         dests = (token_dest, key_group_dest, key_group_dest, token_dest, token_dest, token_dest)
         for buf, index, new in zip(self._body_buffers(), dests, rows):
-            if buf is not None:
+            if buf is self.v_codes and self.bits == 8:
+                kq.write_value_code_rows(batch_rows(buf, bsz), index, new)
+            elif buf is not None:
                 batch_rows(buf, bsz).index_copy_(2, index, new)
 
     # -- reads ----------------------------------------------------------------------------
@@ -96,13 +103,11 @@ class QuantizedCache(SinkWindowCache):
         return self.k_codes, self.k_scale, zeros[0], self.v_codes, self.v_scale, zeros[1]
 
     def dequantized_body(self, bsz: int, dtype):
-        """[B, H, n_groups * G, D] keys and values (the trash block left out)."""
-        n, ng = self.n_groups * self.evict_block, self.n_groups
-        # Token-indexed buffers keep their first n rows; per-group key parameters their first ng.
-        rows = (n, ng if self.bits != 8 else n, ng, n, n, n)
-        body = self.body(bsz)
-        body = body.with_tensors(t if t is None else t[:, :, :r] for t, r in zip(body.tensors(), rows))
-        return kq.dequantize_body(body, dtype)
+        """[B, H, n_groups * G, D] keys and values (the trash block, and 8-bit rows that round the
+        value codes up to whole blocks, left out)."""
+        n = self.n_groups * self.evict_block
+        k, v = kq.dequantize_body(self.body(bsz), dtype)
+        return k[:, :, :n], v[:, :, :n]
 
     def n_quantized(self, pos: torch.Tensor) -> torch.Tensor:
         return self.n_evicted(pos)

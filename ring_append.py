@@ -66,8 +66,10 @@ def _quantize_leaving_block(p, exact_k, exact_v, sink, window, g, value_group, b
     slots = slot_of(sink + rows, sink, window + g - 1)  # the block's tokens, still in the ring
     new = kv_quant.quantize_blocks(exact_k[:, :, slots], exact_v[:, :, slots], bits, g, value_group, fp8, body[1].dtype)
     per_group = j if bits != 8 else rows
-    for buf, idx, value in zip(body, (rows, per_group, per_group, rows, rows, rows), new):
-        if buf is not None:
+    for i, (buf, idx, value) in enumerate(zip(body, (rows, per_group, per_group, rows, rows, rows), new)):
+        if i == 3 and bits == 8:  # value codes in blocks
+            kv_quant.write_value_code_rows(buf, idx, torch.where(complete, value, kv_quant.value_code_rows(buf, idx)))
+        elif buf is not None:
             buf[:, :, idx] = torch.where(complete, value, buf[:, :, idx])
 
 
@@ -118,12 +120,13 @@ def _kernel():
         POS, K, skb, skh, V, svb, svh,  # new token [B, Hkv, D]
         Q, sqb, sqh, QO, F,  # ROPE: query [B, Hq, D], its rotated copy (contiguous), RoPE rows [D/2, 2]
         EK, EV, seb, seh, sen,  # exact slots [B, Hkv, N, D] (k and v alike)
-        KC, VC, scb, sch, scn,  # codes [B, Hkv, L, D] int8 or [B, Hkv, L, D * BITS / 8] packed (k and v alike)
+        KC, scb, sch, scn,  # key codes [B, Hkv, L, D] int8 or [B, Hkv, L, D * BITS / 8] packed
+        VC, svcb, svch, svcn,  # value codes: blocks [B, Hkv, L / VB, D, VB] (8-bit; svcn per block), else as KC
         KS, KZ, kpb, kph, kpn,  # key scale [B, Hkv, L, 1] int8; key scale and zero [B, Hkv, L / G, D] KIVI
         VS, VZ, vpb, vph, vpn,  # value scale [B, Hkv, L, 1] int8; value scale and zero [B, Hkv, L, D / G] KIVI
         VALID, BODY_LEN,
         Hkv, N, sink, window, ring,
-        D: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, HAS_BODY: tl.constexpr, BITS: tl.constexpr,
+        D: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, VB: tl.constexpr, HAS_BODY: tl.constexpr, BITS: tl.constexpr,
         SCALE_BITS: tl.constexpr,
         N_PAD: tl.constexpr, FP8: tl.constexpr, ROPE: tl.constexpr, N_REP: tl.constexpr, N_REP_PAD: tl.constexpr,
         RING: tl.constexpr, PDL: tl.constexpr,
@@ -179,7 +182,10 @@ def _kernel():
                         # away 1.5 * 2**23 leaves the fp32 adder to round it.
                         c = (c + 12582912.0) - 12582912.0
                         c = tl.minimum(tl.maximum(c, -QMAX), QMAX).to(tl.int8)
-                    tl.store((KC if i == 0 else VC) + b * scb + h * sch + row * scn + offs, c)
+                    if i == 0:
+                        tl.store(KC + b * scb + h * sch + row * scn + offs, c)
+                    else:  # kv_quant.write_value_code_rows: token row % VB of block row // VB
+                        tl.store(VC + b * svcb + h * svch + (row // VB) * svcn + row % VB + offs * VB, c)
                     tl.store(scale_ptr, s)
         if HAS_BODY and BITS != 8:
             past = pos - sink - window + 1  # non-sink tokens that have left the window
@@ -208,7 +214,7 @@ def _kernel():
                 lo, hi = tl.min(x, axis=2, keep_dims=True), tl.max(x, axis=2, keep_dims=True)  # [G, D / VG, 1]
                 c, s, z = _asymmetric(x, lo, hi, VS.dtype.element_ty, BITS, SCALE_BITS)
                 c = tl.reshape(c, (G, 8 // BITS, W))  # channel order [G, D], split into planes
-                tl.store(VC + dst[:, None] + byte[None, :], _pack(c, BITS))
+                tl.store(VC + (b * svcb + h * svch + (j * G + t) * svcn)[:, None] + byte[None, :], _pack(c, BITS))
                 par = b * vpb + h * vph + (j * G + t)[:, None, None] * vpn + grp[None, :, None]
                 tl.store(VS + par, s)
                 tl.store(VZ + par, z)
@@ -266,12 +272,12 @@ def _ring_append_triton(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evi
         pos, k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
         q, q.stride(0), q.stride(1), q_rot, freqs,
         exact_k, exact_v, *exact_k.stride()[:3],
-        k_codes, v_codes, *k_codes.stride()[:3],
+        k_codes, *k_codes.stride()[:3], v_codes, *v_codes.stride()[:3],
         k_scale, k_zero, *k_scale.stride()[:3],
         v_scale, v_zero, *v_scale.stride()[:3],
         valid.view(torch.uint8), body_len,
         Hkv, N, sink, window, window + evict_block - 1,
-        D=D, G=evict_block, VG=max(value_group, 1), HAS_BODY=has_body, BITS=bits, SCALE_BITS=k_scale.element_size() * 8,
+        D=D, G=evict_block, VG=max(value_group, 1), VB=kv_quant.VALUE_BLOCK, HAS_BODY=has_body, BITS=bits, SCALE_BITS=k_scale.element_size() * 8,
         N_PAD=triton.next_power_of_2(N) if ring else 1, FP8=fp8, ROPE=rope, N_REP=n_rep,
         N_REP_PAD=triton.next_power_of_2(n_rep), RING=ring,
         num_warps=(8 if evict_block >= 64 else 4) if has_body and bits != 8 else 1,  # a KIVI group is a [G, D] tile
@@ -386,17 +392,18 @@ def _checked_op(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evict_block
     if k.is_cuda and (exact_k.stride(3) != 1 or exact_v.stride() != exact_k.stride() or D & (D - 1)):
         raise ValueError("ring_append: the kernel needs exact_k/v alike with contiguous rows, and a power-of-two head dim")
     if k.is_cuda and body is not None and not _kernel_takes(body, D):
-        raise ValueError("ring_append: the kernel needs k and v codes alike, each scale like its zero, rows contiguous, "
-                         "and a KIVI group size that is a power of two dividing the head dim")
+        raise ValueError("ring_append: the kernel needs rows contiguous (8-bit value codes: whole blocks); KIVI k and v "
+                         "codes alike, each scale like its zero, and groups that are powers of two dividing the head dim")
     args = (None,) * 6 + (8, False, 0) if body is None else (*body.tensors(), body.bits, body.fp8, body.value_group)
     return _ring_append_op(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evict_block, *args)
 
 
 def _kernel_takes(body, D: int) -> bool:
+    if body.bits == 8:  # value codes in whole contiguous blocks (kv_quant.block_value_codes)
+        blocks = body.v_codes.stride()[3:] == (kv_quant.VALUE_BLOCK, 1)
+        return blocks and all(t.stride(3) == 1 for t in (body.k_codes, body.k_scale, body.v_scale))
     tensors = [t for t in body.tensors() if t is not None]
     alike = body.k_codes.stride() == body.v_codes.stride() and all(t.stride(3) == 1 for t in tensors)
-    if body.bits == 8:
-        return alike
     powers_of_two = all(g & (g - 1) == 0 for g in (body.key_group, body.value_group))
     return (alike and body.k_zero.stride() == body.k_scale.stride() and body.v_zero.stride() == body.v_scale.stride()
             and powers_of_two and D % body.value_group == 0)

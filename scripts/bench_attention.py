@@ -96,7 +96,7 @@ def make_body(B, L, bits, groups) -> kv_quant.QuantizedBody:
     if bits in (8, "fp8"):
         quantize = kv_quant.quantize_fp8_per_token if bits == "fp8" else kv_quant.quantize_symmetric_per_token
         (kc, ks), (vc, vs) = quantize(k, torch.bfloat16), quantize(v, torch.bfloat16)
-        return kv_quant.QuantizedBody(8, 0, 0, kc, ks, None, vc, vs, None, fp8=bits == "fp8")
+        return kv_quant.QuantizedBody(8, 0, 0, kc, ks, None, kv_quant.block_value_codes(vc), vs, None, fp8=bits == "fp8")
     kg, vg = groups
     kc, ks, kz = kv_quant.quantize_asymmetric_per_channel(k.reshape(B, HKV, L // kg, kg, D), bits, torch.bfloat16)
     vc, vs, vz = kv_quant.quantize_asymmetric_per_token_group(v, bits, vg, torch.bfloat16)

@@ -126,7 +126,7 @@ def test_quantized_token_count_and_recent_tokens_exact(bits):
     # Written body rows have a nonzero scale; nothing past the count was written.
     scale = cache.k_scale if bits == 8 else cache.v_scale
     written = (scale[0, 0] != 0).any(-1)
-    assert written[:expected].all() and not written[expected:-cache.evict_block].any()
+    assert written[:expected].all() and not written[expected:cache.n_groups * cache.evict_block].any()  # (trash group after)
     # Layer 0's keys depend only on the embeddings: its exact slots hold the full cache's keys, bit for bit.
     held = cache.exact_slot_positions(torch.tensor(n - 1))
     assert (held[held >= sink] >= sink + expected).all() and (held >= 0).sum() == sink + n - sink - expected

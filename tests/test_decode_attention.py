@@ -33,14 +33,10 @@ def make_body(B, Hkv, L, D, bits, groups, dtype, device="cpu", gen=None):
 
     k = randn(B, Hkv, L, D) * 2 + 0.5  # keys: channel offsets
     v = randn(B, Hkv, L, D)
-    if bits == "fp8":
-        kc, ks = kv_quant.quantize_fp8_per_token(k, dtype)
-        vc, vs = kv_quant.quantize_fp8_per_token(v, dtype)
-        return QuantizedBody(8, 0, 0, kc, ks, None, vc, vs, None, fp8=True)
-    if bits == 8:
-        kc, ks = kv_quant.quantize_symmetric_per_token(k, dtype)
-        vc, vs = kv_quant.quantize_symmetric_per_token(v, dtype)
-        return QuantizedBody(8, 0, 0, kc, ks, None, vc, vs, None)
+    if bits in (8, "fp8"):
+        quantize = kv_quant.quantize_fp8_per_token if bits == "fp8" else kv_quant.quantize_symmetric_per_token
+        (kc, ks), (vc, vs) = quantize(k, dtype), quantize(v, dtype)
+        return QuantizedBody(8, 0, 0, kc, ks, None, kv_quant.block_value_codes(vc), vs, None, fp8=bits == "fp8")
     kg, vg = groups if isinstance(groups, tuple) else (groups, groups)  # (key group, value group), or one for both
     return quantize_kivi(k, v, bits, kg, vg, dtype)
 
@@ -67,11 +63,13 @@ def _unpack64(packed, bits):
 
 
 def _dequant64(body):
-    if body.fp8:
-        k, v = (kv_quant.fp8_codes_as_float(c).double() for c in (body.k_codes, body.v_codes))
-        return k * body.k_scale.double(), v * body.v_scale.double()
     if body.bits == 8:
-        return (body.k_codes.double() * body.k_scale.double(), body.v_codes.double() * body.v_scale.double())
+        # Value codes out of their blocks ([L / 32, D, 32]: block, channel, token) by explicit indexing.
+        t = torch.arange(body.k_codes.shape[2])
+        v_codes = body.v_codes[:, :, t // 32, :, t % 32].permute(1, 2, 0, 3)  # [L, B, Hkv, D] -> [B, Hkv, L, D]
+        codes = (body.k_codes, v_codes)
+        k, v = (kv_quant.fp8_codes_as_float(c).double() if body.fp8 else c.double() for c in codes)
+        return k * body.k_scale.double(), v * body.v_scale.double()
     kc, vc = _unpack64(body.k_codes, body.bits), _unpack64(body.v_codes, body.bits)
     L, D = kc.shape[2], kc.shape[3]
     tok_group = torch.arange(L) // body.key_group
@@ -129,7 +127,7 @@ CPU_CASES = [
     (1, 3, 3, 64, 100, 100, True, None, 0, 0, 0),
     (2, 2, 4, 128, 70, 61, True, 8, 32, 96, 77),
     (1, 2, 4, 64, 30, 30, False, 4, (64, 16), 192, 150),
-    (1, 2, 4, 64, 30, 30, False, "fp8", 1, 80, 61),
+    (1, 2, 4, 64, 30, 30, False, "fp8", 1, 96, 61),
     (1, 3, 3, 64, 33, 5, False, 4, 32, 128, 96),
     (2, 1, 4, 128, 20, 20, True, 4, 16, 64, 50),
     (1, 2, 1, 128, 40, 0, False, 2, 64, 192, 130),
@@ -179,6 +177,9 @@ def test_bad_arguments_are_reported():
         decode_attention(q, k, v, el, torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="v_scale"):
         decode_attention(q, k, v, el, None, body._replace(v_scale=body.v_scale[..., :1]), bl)
+    q, k, v, el, mask, body, bl = _case(4, 1, 2, 2, 64, 16, 9, False, 8, 1, 64, 40, torch.float32)
+    with pytest.raises(ValueError, match="whole blocks of 32 tokens"):  # token-major rows, not blocks
+        decode_attention(q, k, v, el, None, body._replace(v_codes=kv_quant.unblock_value_codes(body.v_codes)), bl)
 
 
 def test_custom_op_registration():

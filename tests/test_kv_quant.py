@@ -108,3 +108,24 @@ def test_packing_is_planar():
     packed = kq.pack_codes(codes, 2)
     # byte j holds codes j, j+2, j+4, j+6 at bits 0, 2, 4, 6
     assert packed.tolist() == [[1 | 3 << 2 | 3 << 4 | 1 << 6, 2 | 0 << 2 | 3 << 4 | 2 << 6]]
+
+
+@settings(max_examples=50, deadline=None)
+@given(blocks=st.integers(1, 4), d=st.sampled_from([8, 64]), seed=st.integers(0, 2**31 - 1))
+def test_value_code_blocks(blocks, d, seed):
+    """8-bit value codes in blocks of VALUE_BLOCK tokens, channel-major inside: token t, channel c
+    at [t // VALUE_BLOCK, c, t % VALUE_BLOCK]; rows read and written by token index."""
+    g = torch.Generator().manual_seed(seed)
+    vb = kq.VALUE_BLOCK
+    codes = torch.randint(-127, 128, (2, 3, blocks * vb, d), generator=g, dtype=torch.int8)
+    blocked = kq.block_value_codes(codes)
+    assert blocked.shape == (2, 3, blocks, d, vb) and blocked.is_contiguous()
+    t, c = int(torch.randint(blocks * vb, (1,), generator=g)), int(torch.randint(d, (1,), generator=g))
+    assert blocked[1, 2, t // vb, c, t % vb] == codes[1, 2, t, c]
+    assert torch.equal(kq.unblock_value_codes(blocked), codes)
+    index = torch.randperm(blocks * vb, generator=g)[:5]
+    assert torch.equal(kq.value_code_rows(blocked, index), codes[:, :, index])
+    rows = torch.randint(-127, 128, (2, 3, 5, d), generator=g, dtype=torch.int8)
+    kq.write_value_code_rows(blocked, index, rows)
+    codes[:, :, index] = rows
+    assert torch.equal(kq.unblock_value_codes(blocked), codes)

@@ -10,6 +10,7 @@ eviction and many ring wraps.
 import pytest
 import torch
 
+import kv_quant
 import ring_append
 from kv_quant import QuantizedBody
 from model import PRESETS
@@ -101,14 +102,14 @@ def test_compiled_kernel_path_is_one_graph(settings):
 
 def random_body(bits, B, Hkv, L, D, G, dtype, device):
     """A body of L tokens with random contents (what the kernel must leave alone is poisoned too)."""
-    if bits == "fp8":
-        codes = lambda: torch.randn(B, Hkv, L, D, device=device).mul(50).to(torch.float8_e4m3fn).view(torch.uint8)  # noqa: E731
-        return QuantizedBody(8, 0, 0, codes(), torch.rand(B, Hkv, L, 1, device=device).to(dtype), None,
-                             codes(), torch.rand(B, Hkv, L, 1, device=device).to(dtype), None, fp8=True)
-    if bits == 8:
-        codes = lambda: torch.randint(-127, 128, (B, Hkv, L, D), dtype=torch.int8, device=device)  # noqa: E731
-        return QuantizedBody(8, 0, 0, codes(), torch.rand(B, Hkv, L, 1, device=device).to(dtype), None,
-                             codes(), torch.rand(B, Hkv, L, 1, device=device).to(dtype), None)
+    if bits in (8, "fp8"):
+        if bits == "fp8":
+            codes = lambda: torch.randn(B, Hkv, L, D, device=device).mul(50).to(torch.float8_e4m3fn).view(torch.uint8)  # noqa: E731
+        else:
+            codes = lambda: torch.randint(-127, 128, (B, Hkv, L, D), dtype=torch.int8, device=device)  # noqa: E731
+        scales = lambda: torch.rand(B, Hkv, L, 1, device=device).to(dtype)  # noqa: E731
+        return QuantizedBody(8, 0, 0, codes(), scales(), None, kv_quant.block_value_codes(codes()), scales(), None,
+                             fp8=bits == "fp8")
     codes = lambda: torch.randint(0, 256, (B, Hkv, L, D * bits // 8), dtype=torch.uint8, device=device)  # noqa: E731
     param = lambda n, x: torch.randn(B, Hkv, n, x, device=device).to(dtype)  # noqa: E731
     VG = G // 2 if G >= 8 else G  # values grouped apart from keys
@@ -242,7 +243,7 @@ def test_custom_op_registration(bits, evict_block):
     B, H, D, sink, window = 2, 2, 16, 4, 8
     n = sink + window + evict_block
     ek, ev = torch.randn(B, H, n, D), torch.randn(B, H, n, D)
-    body = random_body(bits, B, H, 40, D, evict_block, torch.float32, "cpu")
+    body = random_body(bits, B, H, 64, D, evict_block, torch.float32, "cpu")
     table = precompute_freqs_cis(64, D, 10000.0)
     for q, freqs in ((None, None), (torch.randn(B, 2 * H, D), table[27:28])):
         args = (torch.tensor([27]), q, torch.randn(B, H, D), torch.randn(B, H, D), freqs, ek, ev, sink, window,

@@ -183,6 +183,7 @@ def token_partial_kernel(
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
+    unit = tl.full([], 1.0, tl.float32)  # 8-bit formats: what one unit of acc is worth (below)
     if FORMAT != 0:
         # The scales are loaded one tile ahead: the pipeliner stages only the tiles the dots read,
         # so a scale loaded where it is used exposes a whole memory latency every tile.
@@ -224,18 +225,23 @@ def token_partial_kernel(
             v_top = tl.max(vs, axis=0)
             v_top = tl.where(v_top > 0, v_top, 1.0)
             pv = (p * (vs / v_top)[None, :]).to(tl.float16)
+            # acc is kept in units of this tile's product scale (v_top, times FP8_UNIT for fp8):
+            # the online softmax's rescale, the change of unit and the int8 offset all go into
+            # the accumulator the dot adds to, one FMA per element of [M, D] where they were three.
+            tile_unit = v_top * FP8_UNIT if FORMAT == 2 else v_top
+            acc = acc * (alpha * (unit / tile_unit))[:, None]
             if FORMAT == 1:
                 pv_offset = INT8_OFFSET_T * tl.sum(pv.to(tl.float32), axis=1)  # [M]
-                tile = tl.dot(pv, int8_codes_to_f16(vt, CONVERT_ASM)) - pv_offset[:, None]
+                acc = tl.dot(pv, int8_codes_to_f16(vt, CONVERT_ASM), acc - pv_offset[:, None])
             else:
-                tile = tl.dot(pv, fp8_codes_to_f16(vt, CONVERT_ASM, FP8_CVT)) * FP8_UNIT
-            acc = acc * alpha[:, None] + tile * v_top
+                acc = tl.dot(pv, fp8_codes_to_f16(vt, CONVERT_ASM, FP8_CVT), acc)
+            unit = tile_unit
 
     # ---- this split's normalized output and log2-sum-exp ----
     sp = split_offset + tl.program_id(1)
     pdl.let_dependents_launch(PDL)
     inv_l, out_ok = finish_split(m_i, l_i, LSE, b * sl_b + heads * sl_h + sp, start, end, N_REP, M)
-    tl.store(O + b * so_b + heads[:, None] * so_h + sp * so_s + offs_d[None, :], acc * inv_l[:, None],
+    tl.store(O + b * so_b + heads[:, None] * so_h + sp * so_s + offs_d[None, :], acc * (inv_l * unit)[:, None],
              mask=out_ok[:, None])
 
 

@@ -165,14 +165,20 @@ def unblock_value_codes(blocked: torch.Tensor) -> torch.Tensor:
     return blocked.transpose(3, 4).reshape(b, h, n * t, d)
 
 
-def value_code_rows(blocked: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Token rows `index` [n] of blocked value codes: [B, H, n, D]."""
-    return blocked[:, :, index // VALUE_BLOCK, :, index % VALUE_BLOCK].permute(1, 2, 0, 3)  # from [n, B, H, D]
+def token_rows(buf: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` [n] of a QuantizedBody tensor: [B, H, n, X], from token-indexed rows
+    [B, H, L, X] or from blocked value codes (5 dims, block_value_codes)."""
+    if buf.dim() == 5:
+        return buf[:, :, index // VALUE_BLOCK, :, index % VALUE_BLOCK].permute(1, 2, 0, 3)  # from [n, B, H, D]
+    return buf[:, :, index]
 
 
-def write_value_code_rows(blocked: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
-    """Token rows `index` [n] of blocked value codes set to rows [B, H, n, D], in place."""
-    blocked[:, :, index // VALUE_BLOCK, :, index % VALUE_BLOCK] = rows.permute(2, 0, 1, 3)  # [n, B, H, D]
+def write_token_rows(buf: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """token_rows' rows set to rows [B, H, n, X], in place."""
+    if buf.dim() == 5:
+        buf[:, :, index // VALUE_BLOCK, :, index % VALUE_BLOCK] = rows.permute(2, 0, 1, 3)  # [n, B, H, D]
+    else:
+        buf.index_copy_(2, index, rows)
 
 
 class QuantizedBody(NamedTuple):
@@ -214,8 +220,8 @@ def quantize_blocks(k: torch.Tensor, v: torch.Tensor, bits: int, key_group: int,
                     dtype: torch.dtype) -> tuple:
     """What leaves the window, quantized: k, v [B, H, n * G, D] (n blocks of G tokens; G = 1 for
     int8/fp8, the KIVI key group otherwise) -> the six QuantizedBody tensors' new rows, in its layout:
-    token-indexed ones [B, H, n * G, X] (8-bit value codes as rows too: write_value_code_rows puts
-    them into their blocks), KIVI key scale/zero [B, H, n, D], zeros None for 8-bit.
+    token-indexed ones [B, H, n * G, X] (8-bit value codes as rows too: write_token_rows puts them
+    into their blocks), KIVI key scale/zero [B, H, n, D], zeros None for 8-bit.
     The one eviction of the engine: the cache's PyTorch path and ring_append's reference call it."""
     if bits == 8:
         quantize = quantize_fp8_per_token if fp8 else quantize_symmetric_per_token

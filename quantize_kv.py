@@ -86,10 +86,8 @@ class QuantizedCache(SinkWindowCache):
         key_group_dest = dest if self.bits != 8 else token_dest  # KIVI key scale/zero: one row per group
         dests = (token_dest, key_group_dest, key_group_dest, token_dest, token_dest, token_dest)
         for buf, index, new in zip(self._body_buffers(), dests, rows):
-            if buf is self.v_codes and self.bits == 8:
-                kq.write_value_code_rows(batch_rows(buf, bsz), index, new)
-            elif buf is not None:
-                batch_rows(buf, bsz).index_copy_(2, index, new)
+            if buf is not None:
+                kq.write_token_rows(batch_rows(buf, bsz), index, new)
 
     # -- reads ----------------------------------------------------------------------------
     def body(self, bsz: int) -> QuantizedBody:

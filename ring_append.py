@@ -66,11 +66,9 @@ def _quantize_leaving_block(p, exact_k, exact_v, sink, window, g, value_group, b
     slots = slot_of(sink + rows, sink, window + g - 1)  # the block's tokens, still in the ring
     new = kv_quant.quantize_blocks(exact_k[:, :, slots], exact_v[:, :, slots], bits, g, value_group, fp8, body[1].dtype)
     per_group = j if bits != 8 else rows
-    for i, (buf, idx, value) in enumerate(zip(body, (rows, per_group, per_group, rows, rows, rows), new)):
-        if i == 3 and bits == 8:  # value codes in blocks
-            kv_quant.write_value_code_rows(buf, idx, torch.where(complete, value, kv_quant.value_code_rows(buf, idx)))
-        elif buf is not None:
-            buf[:, :, idx] = torch.where(complete, value, buf[:, :, idx])
+    for buf, idx, value in zip(body, (rows, per_group, per_group, rows, rows, rows), new):
+        if buf is not None:
+            kv_quant.write_token_rows(buf, idx, torch.where(complete, value, kv_quant.token_rows(buf, idx)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,7 +182,7 @@ def _kernel():
                         c = tl.minimum(tl.maximum(c, -QMAX), QMAX).to(tl.int8)
                     if i == 0:
                         tl.store(KC + b * scb + h * sch + row * scn + offs, c)
-                    else:  # kv_quant.write_value_code_rows: token row % VB of block row // VB
+                    else:  # kv_quant.write_token_rows: token row % VB of block row // VB
                         tl.store(VC + b * svcb + h * svch + (row // VB) * svcn + row % VB + offs * VB, c)
                     tl.store(scale_ptr, s)
         if HAS_BODY and BITS != 8:

@@ -124,8 +124,8 @@ def test_value_code_blocks(blocks, d, seed):
     assert blocked[1, 2, t // vb, c, t % vb] == codes[1, 2, t, c]
     assert torch.equal(kq.unblock_value_codes(blocked), codes)
     index = torch.randperm(blocks * vb, generator=g)[:5]
-    assert torch.equal(kq.value_code_rows(blocked, index), codes[:, :, index])
+    assert torch.equal(kq.token_rows(blocked, index), codes[:, :, index])
     rows = torch.randint(-127, 128, (2, 3, 5, d), generator=g, dtype=torch.int8)
-    kq.write_value_code_rows(blocked, index, rows)
+    kq.write_token_rows(blocked, index, rows)
     codes[:, :, index] = rows
     assert torch.equal(kq.unblock_value_codes(blocked), codes)

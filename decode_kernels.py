@@ -6,8 +6,10 @@ Decode is memory-bound: each step must read every valid byte of the cache once. 
 (B * Hkv, splits): a program owns one KV head and one chunk of the sequence, loads each tile of
 keys and values once for the n_rep query heads that share it (GQA: the group padded to the 16
 rows a tensor-core dot needs) and keeps an online softmax; a second kernel combines the splits
-by their log-sum-exps. The current length is read on the device and each split's chunk derived
-from it inside the kernel, so the grid is static and a CUDA-graph replay sees the cache grow.
+by their log-sum-exps. An int8 or fp8 body and the exact slots behind it are one grid
+(body_and_exact_partial_kernel). The current length is read on the device and each split's
+chunk derived from it inside the kernel, so the grid is static and a CUDA-graph replay sees the
+cache grow.
 
 The 8-bit formats do no per-element multiply. Both dots run in fp16 on the codes themselves: the
 key scale (one per token) multiplies the scores, the value scale the probabilities before P.V.
@@ -66,6 +68,11 @@ KIVI_PREFETCH = True  # KIVI scales and zeros loaded one tile ahead (else where 
 MIN_SPLIT = 1024  # tokens of capacity per split at least (plan_splits) ...
 FILL_WARPS_PER_SM = 8  # ... unless that leaves the grid fewer warps than this per SM
 EXACT_SPLITS = 8  # the exact slots behind a body: one tile per split, up to this many splits
+# Tokens per tile of the exact slots in an 8-bit body's launch. A one-warp program loads a bf16
+# tile into registers before the dot: 32-token tiles made the kernel 252 registers a thread
+# (8 warps per SM, where the body alone runs 9); 16-token tiles keep it at the body's 224
+# (Triton 3.6, sm_90). The tiles are not pipelined (STAGES 1): most splits hold one.
+EXACT_BLOCK_N = 16
 COMBINE_BLOCK_D = 32  # channels per combine program
 INT8_OFFSET = 1152.0  # 1024 (the fp16 exponent the bytes sit under) + 128 (the flipped sign bit)
 INT8_OFFSET_T = tl.constexpr(INT8_OFFSET)  # the kernels read it as a global
@@ -108,15 +115,15 @@ def fp8_codes_to_f16(x, CONVERT_ASM: tl.constexpr, FP8_CVT: tl.constexpr):
 
 
 @triton.jit
-def split_bounds(LEN, cap, n_splits, HAS_LEN: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[start, end) of this program's split: a chunk of the *current* length (read on the device,
+def split_bounds(split, LEN, cap, n_splits, HAS_LEN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[start, end) of split number `split`: a chunk of the *current* length (read on the device,
     never past the buffer's capacity), rounded up to the tile. Static grid, dynamic work."""
     if HAS_LEN:
         seg_len = tl.minimum(tl.load(LEN).to(tl.int32), cap)
     else:
         seg_len = cap
     chunk = tl.cdiv(tl.cdiv(seg_len, n_splits), BLOCK_N) * BLOCK_N
-    start = tl.program_id(1) * chunk
+    start = split * chunk
     return start, tl.minimum(start + chunk, seg_len)
 
 
@@ -145,7 +152,7 @@ def finish_split(m_i, l_i, LSE, lse_row, start, end, N_REP: tl.constexpr, M: tl.
 
 
 @triton.jit
-def token_partial_kernel(
+def token_partial(
     Q, sqb, sqh,
     K, skb, skh, skn,  # exact slots [B, Hkv, N, D] or codes [B, Hkv, L, D]
     V, svb, svh, svn,  # exact slots as K; 8-bit value codes in blocks [B, Hkv, L / VB, D, VB], svn per block
@@ -153,16 +160,19 @@ def token_partial_kernel(
     LEN, MASK,  # valid length [1] (HAS_LEN), valid slots [N] uint8 (HAS_MASK)
     O, LSE, so_b, so_h, so_s,  # partial out [B, Hq, splits, D] fp32, log2-sum-exp [B, Hq, splits]
     sl_b, sl_h,
-    qk_scale, Hkv, split_offset, n_splits, cap,
+    qk_scale, Hkv,
+    split, sp, n_splits, cap,  # this program's split of the segment, its index in O and LSE, the segment's splits
     N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, FORMAT: tl.constexpr, BLOCK_N: tl.constexpr, VB: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr, CONVERT_ASM: tl.constexpr, FP8_CVT: tl.constexpr,
     FP8_UNIT: tl.constexpr,  # what fp8_codes_to_f16 returns times this is the value (1 or 256)
     PDL: tl.constexpr,
+    STAGES: tl.constexpr,  # the loop's pipeline depth (None: the launch's num_stages)
 ):
-    pdl.wait_for_inputs(PDL)
+    """One program's split of one segment of token slots (exact, int8 or fp8: FORMAT 0, 1, 2)
+    for one KV head: its partial output and log2-sum-exp, written at split index sp."""
     b = tl.program_id(0) // Hkv
     h = tl.program_id(0) % Hkv
-    start, end = split_bounds(LEN, cap, n_splits, HAS_LEN, BLOCK_N)
+    start, end = split_bounds(split, LEN, cap, n_splits, HAS_LEN, BLOCK_N)
     offs_m = tl.arange(0, M)
     row_ok = offs_m < N_REP
     heads = h * N_REP + offs_m  # the query heads of this KV head, padded to M rows
@@ -190,7 +200,7 @@ def token_partial_kernel(
         ok_next = (start + offs_n0) < end
         ks_next = tl.load(ks_base + (start + offs_n0) * ssn, mask=ok_next, other=0.0)
         vs_next = tl.load(vs_base + (start + offs_n0) * ssn, mask=ok_next, other=0.0)
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         offs_n = n0 + offs_n0
         ok_n = offs_n < end
         if HAS_MASK:
@@ -238,11 +248,55 @@ def token_partial_kernel(
             unit = tile_unit
 
     # ---- this split's normalized output and log2-sum-exp ----
-    sp = split_offset + tl.program_id(1)
     pdl.let_dependents_launch(PDL)
     inv_l, out_ok = finish_split(m_i, l_i, LSE, b * sl_b + heads * sl_h + sp, start, end, N_REP, M)
     tl.store(O + b * so_b + heads[:, None] * so_h + sp * so_s + offs_d[None, :], acc * (inv_l * unit)[:, None],
              mask=out_ok[:, None])
+
+
+@triton.jit
+def token_partial_kernel(
+    Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, KS, VS, ssb, ssh, ssn, LEN, MASK,  # as token_partial's
+    O, LSE, so_b, so_h, so_s, sl_b, sl_h,
+    qk_scale, Hkv, split_offset, n_splits, cap,  # the segment's splits go to O and LSE from split_offset on
+    N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, FORMAT: tl.constexpr, BLOCK_N: tl.constexpr, VB: tl.constexpr,
+    HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr, CONVERT_ASM: tl.constexpr, FP8_CVT: tl.constexpr,
+    FP8_UNIT: tl.constexpr, PDL: tl.constexpr,
+):
+    """Grid (B * Hkv, n_splits): one segment of token slots."""
+    pdl.wait_for_inputs(PDL)
+    token_partial(Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, KS, VS, ssb, ssh, ssn, LEN, MASK,
+                  O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv,
+                  tl.program_id(1), split_offset + tl.program_id(1), n_splits, cap,
+                  N_REP, M, D, FORMAT, BLOCK_N, VB, HAS_LEN, HAS_MASK, CONVERT_ASM, FP8_CVT, FP8_UNIT, PDL, None)
+
+
+@triton.jit
+def body_and_exact_partial_kernel(
+    Q, sqb, sqh,
+    K, skb, skh, skn, V, svb, svh, svn, KS, VS, ssb, ssh, ssn, BODY_LEN,  # the 8-bit body, as token_partial's
+    EK, sekb, sekh, sekn, EV, sevb, sevh, sevn, EXACT_LEN, EXACT_MASK,  # the exact slots behind it
+    O, LSE, so_b, so_h, so_s, sl_b, sl_h,
+    qk_scale, Hkv, body_splits, body_cap, exact_splits, exact_cap,
+    N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, FORMAT: tl.constexpr, BLOCK_N: tl.constexpr, VB: tl.constexpr,
+    HAS_EXACT_LEN: tl.constexpr, HAS_EXACT_MASK: tl.constexpr, CONVERT_ASM: tl.constexpr, FP8_CVT: tl.constexpr,
+    FP8_UNIT: tl.constexpr, PDL: tl.constexpr, EXACT_BLOCK_N: tl.constexpr,
+):
+    """Grid (B * Hkv, body_splits + exact_splits): an int8 or fp8 body and the exact slots behind
+    it in one launch. As two launches the exact slots' few tiles ran only after the body's last
+    program, a latency of their own on every layer; here their programs come last in the grid and
+    run beside the body's last wave (one layer on an H200, batch 1 / 8K of a 128K cache: int8
+    14.0 -> 11.9 us, fp8 13.4 -> 11.3; docs/kernels.md)."""
+    pdl.wait_for_inputs(PDL)
+    split = tl.program_id(1)
+    if split < body_splits:
+        token_partial(Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, KS, VS, ssb, ssh, ssn, BODY_LEN, BODY_LEN,
+                      O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv, split, split, body_splits, body_cap,
+                      N_REP, M, D, FORMAT, BLOCK_N, VB, True, False, CONVERT_ASM, FP8_CVT, FP8_UNIT, PDL, None)
+    else:
+        token_partial(Q, sqb, sqh, EK, sekb, sekh, sekn, EV, sevb, sevh, sevn, EK, EK, 0, 0, 0, EXACT_LEN, EXACT_MASK,
+                      O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv, split - body_splits, split, exact_splits,
+                      exact_cap, N_REP, M, D, 0, EXACT_BLOCK_N, 1, HAS_EXACT_LEN, HAS_EXACT_MASK, False, False, 1.0, PDL, 1)
 
 
 @triton.jit
@@ -282,9 +336,10 @@ def plan_splits(bh: int, capacities: list[int], block_ns: list[int], warps: int,
     23.2; 128K: 89 against 94). Eight warps per SM, not four: one layer at batch 1 / 32K, int8
     29.7 us against 45.9 (docs/kernels.md).
     The exact slots behind a body (the segments after the first: sink, window, a pending KIVI
-    group, usually a few hundred) take one tile per split, up to EXACT_SPLITS: their kernel runs
-    after the body's, and at batch 1 their tiles one after another in a few programs were a
-    latency of their own (int4, 4-layer step: 27 -> 16 us)."""
+    group, usually a few hundred) take one tile per split, up to EXACT_SPLITS: they run at the
+    end (after the body's kernel, or as the last programs of its grid), and at batch 1 their tiles
+    one after another in a few programs were a latency of their own (int4, 4-layer step: 27 -> 16
+    us)."""
     target = max(1, math.ceil(waves * sm_count / bh))
     total = sum(capacities)
     fill = FILL_WARPS_PER_SM * sm_count / (warps * bh)  # splits in all that give the grid that many warps
@@ -310,8 +365,9 @@ def _has_fp8_cvt(device_index: int) -> bool:
 
 
 def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=None):
-    """Launch one partial kernel per segment (the quantized body, if any, then the exact slots)
-    into one buffer of splits, then the combine. Arguments as decode_attention's (checked there;
+    """Launch the partial kernels of the segments (the quantized body, if any, then the exact
+    slots; an 8-bit body and its exact slots in one launch, else one per segment) into one buffer
+    of splits, then the combine. Arguments as decode_attention's (checked there;
     exact_mask as uint8); `out` [B, Hq, D] is written in place if given."""
     from decode_kernels_kivi import kivi_partial_kernel  # (it imports this module's helpers)
 
@@ -328,6 +384,8 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
             block_n = min(block_n, kv_quant.VALUE_BLOCK)  # an 8-bit tile within one block of value codes
         segments.append((body.format, body.k_codes.shape[2], block_n, warps, stages))
     block_n, warps, stages, exact_waves = CONFIGS[("exact", D)]
+    if body is not None and body.bits == 8:
+        block_n = EXACT_BLOCK_N  # the exact slots run in the body's launch
     segments.append(("exact", N, block_n, warps, stages))
     # (CPU tensors reach here only under TRITON_INTERPRET=1, in tests.)
     sm_count = _sm_count(device) if q.is_cuda else 132
@@ -339,34 +397,44 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
     launch_pdl = pdl.options(q)
     common = dict(M=max(16, triton.next_power_of_2(n_rep)), N_REP=n_rep, D=D, **launch_pdl)
     qk_scale = sm_scale * math.log2(math.e)  # the kernels use exp2
-    offset = 0
-    for (fmt, cap, block_n, warps, stages), n_splits in zip(segments, splits):
-        outputs = (o_part, lse, *o_part.stride()[:3], *lse.stride()[:2], qk_scale, Hkv, offset, n_splits, cap)
-        launch = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
-        grid = (B * Hkv, n_splits)
-        if fmt == "exact":
-            token_partial_kernel[grid](
-                q, q.stride(0), q.stride(1), k, *k.stride()[:3], v, *v.stride()[:3], k, k, 0, 0, 0,
-                exact_len if exact_len is not None else q, exact_mask if exact_mask is not None else q, *outputs,
-                FORMAT=0, VB=1, HAS_LEN=exact_len is not None, HAS_MASK=exact_mask is not None,
-                CONVERT_ASM=False, FP8_CVT=False, FP8_UNIT=1.0, **launch)
-        elif body.bits == 8:
-            convert_asm = CONVERT_ASM and q.is_cuda
-            fp8_cvt = q.is_cuda and _has_fp8_cvt(device)
-            token_partial_kernel[grid](
-                q, q.stride(0), q.stride(1), body.k_codes, *body.k_codes.stride()[:3],
-                body.v_codes, *body.v_codes.stride()[:3], body.k_scale, body.v_scale, *body.k_scale.stride()[:3],
-                body_len, q, *outputs, FORMAT=FORMAT_IDS[fmt], VB=kv_quant.VALUE_BLOCK, HAS_LEN=True, HAS_MASK=False,
-                CONVERT_ASM=convert_asm, FP8_CVT=fp8_cvt, FP8_UNIT=1.0 if convert_asm and fp8_cvt else 256.0, **launch)
-        else:
-            kivi_partial_kernel[grid](
-                q, q.stride(0), q.stride(1), body.k_codes, *body.k_codes.stride()[:3],
-                body.v_codes, *body.v_codes.stride()[:3], body.k_scale, body.k_zero, *body.k_scale.stride()[:3],
-                body.v_scale, body.v_zero, *body.v_scale.stride()[:3], body_len, q, *outputs,
-                BITS=body.bits, G=body.key_group, VG=body.value_group, HAS_LEN=True, HAS_MASK=False,
-                KIVI_ASM=KIVI_ASM and q.is_cuda and (KIVI_F16 or q.dtype == torch.bfloat16), F16=KIVI_F16,
-                PREFETCH=KIVI_PREFETCH, **launch)
-        offset += n_splits
+    exact_args = (k, *k.stride()[:3], v, *v.stride()[:3])
+    exact_len_arg = exact_len if exact_len is not None else q  # (pointers the kernel never reads without HAS_*)
+    exact_mask_arg = exact_mask if exact_mask is not None else q
+    if body is not None and body.bits == 8:
+        # One launch for the body and the exact slots (body_and_exact_partial_kernel says why),
+        # in the body's config.
+        (fmt, body_cap, block_n, warps, stages), (_, exact_cap, *_) = segments
+        convert_asm = CONVERT_ASM and q.is_cuda
+        fp8_cvt = q.is_cuda and _has_fp8_cvt(device)
+        body_and_exact_partial_kernel[(B * Hkv, sum(splits))](
+            q, q.stride(0), q.stride(1), body.k_codes, *body.k_codes.stride()[:3],
+            body.v_codes, *body.v_codes.stride()[:3], body.k_scale, body.v_scale, *body.k_scale.stride()[:3], body_len,
+            *exact_args, exact_len_arg, exact_mask_arg,
+            o_part, lse, *o_part.stride()[:3], *lse.stride()[:2], qk_scale, Hkv, splits[0], body_cap, splits[1], exact_cap,
+            FORMAT=FORMAT_IDS[fmt], BLOCK_N=block_n, VB=kv_quant.VALUE_BLOCK, HAS_EXACT_LEN=exact_len is not None,
+            HAS_EXACT_MASK=exact_mask is not None, CONVERT_ASM=convert_asm, FP8_CVT=fp8_cvt,
+            FP8_UNIT=1.0 if convert_asm and fp8_cvt else 256.0, EXACT_BLOCK_N=EXACT_BLOCK_N, num_warps=warps,
+            num_stages=stages, **common)
+    else:
+        offset = 0
+        for (fmt, cap, block_n, warps, stages), n_splits in zip(segments, splits):
+            outputs = (o_part, lse, *o_part.stride()[:3], *lse.stride()[:2], qk_scale, Hkv, offset, n_splits, cap)
+            launch = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+            grid = (B * Hkv, n_splits)
+            if fmt == "exact":
+                token_partial_kernel[grid](
+                    q, q.stride(0), q.stride(1), *exact_args, k, k, 0, 0, 0, exact_len_arg, exact_mask_arg, *outputs,
+                    FORMAT=0, VB=1, HAS_LEN=exact_len is not None, HAS_MASK=exact_mask is not None,
+                    CONVERT_ASM=False, FP8_CVT=False, FP8_UNIT=1.0, **launch)
+            else:
+                kivi_partial_kernel[grid](
+                    q, q.stride(0), q.stride(1), body.k_codes, *body.k_codes.stride()[:3],
+                    body.v_codes, *body.v_codes.stride()[:3], body.k_scale, body.k_zero, *body.k_scale.stride()[:3],
+                    body.v_scale, body.v_zero, *body.v_scale.stride()[:3], body_len, q, *outputs,
+                    BITS=body.bits, G=body.key_group, VG=body.value_group, HAS_LEN=True, HAS_MASK=False,
+                    KIVI_ASM=KIVI_ASM and q.is_cuda and (KIVI_F16 or q.dtype == torch.bfloat16), F16=KIVI_F16,
+                    PREFETCH=KIVI_PREFETCH, **launch)
+            offset += n_splits
     if out is None:
         out = torch.empty_like(q)
     s_pad = triton.next_power_of_2(sum(splits))

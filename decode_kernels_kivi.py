@@ -283,7 +283,7 @@ def kivi_partial_kernel(
     pdl.wait_for_inputs(PDL)
     b = tl.program_id(0) // Hkv
     h = tl.program_id(0) % Hkv
-    start, end = split_bounds(LEN, cap, n_splits, HAS_LEN, BLOCK_N)
+    start, end = split_bounds(tl.program_id(1), LEN, cap, n_splits, HAS_LEN, BLOCK_N)
 
     offs_m = tl.arange(0, M)
     row_ok = offs_m < N_REP

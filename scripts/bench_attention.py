@@ -253,7 +253,7 @@ def write_sass(out_dir: str) -> None:
 
     from decode_kernels_kivi import kivi_partial_kernel
 
-    for fn in (dk.token_partial_kernel, kivi_partial_kernel):
+    for fn in (dk.token_partial_kernel, dk.body_and_exact_partial_kernel, kivi_partial_kernel):
         for kernels in fn.device_caches.values():
             for i, compiled in enumerate(kernels[0].values()):
                 consts = {k: v for k, v in compiled.src.constants.items()} if hasattr(compiled.src, "constants") else {}

@@ -310,24 +310,34 @@ class GridSpy:
 
 
 @interp
-@pytest.mark.parametrize("bits,N,exact_len,use_mask,splits", [(8, 600, 590, True, 8), (4, 300, 70, False, 5)])
+@pytest.mark.parametrize("bits,N,exact_len,use_mask,kernel,grid", [
+    # int8: one launch, the body's one split (its 256 tokens of capacity) then 8 splits of the
+    # exact slots (one EXACT_BLOCK_N-token tile each would be 38)
+    (8, 600, 590, True, "body_and_exact_partial_kernel", (2, 1 + 8)),
+    # int4: the exact slots' own launch after the body's, 300 slots in 64-token tiles
+    (4, 300, 70, False, "token_partial_kernel", (2, 5)),
+])
 def test_exact_slots_behind_a_body_one_tile_per_split_interpreted(triton_interpreter, monkeypatch, bits, N, exact_len,
-                                                                   use_mask, splits):
-    """The exact slots behind a body run one 64-token tile per split, at most EXACT_SPLITS (the
-    plan alone, sized by the body's capacity, gives them one split here); splits past the exact
-    length stay empty."""
+                                                                   use_mask, kernel, grid):
+    """The exact slots behind a body run one tile per split, at most EXACT_SPLITS (the plan alone,
+    sized by the body's capacity, gives them one split here); splits past the exact length stay
+    empty. Behind an 8-bit body they are the last splits of the body's launch."""
     import decode_kernels
     from decode_kernels import flash_decode
 
     monkeypatch.setattr(decode_kernels, "FILL_WARPS_PER_SM", 0)
-    spy = GridSpy(decode_kernels.token_partial_kernel)
-    monkeypatch.setattr(decode_kernels, "token_partial_kernel", spy)
+    spies = {name: GridSpy(getattr(decode_kernels, name)) for name in ("token_partial_kernel",
+                                                                       "body_and_exact_partial_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(decode_kernels, name, spy)
     q, k, v, el, mask, body, bl = _case(22 + bits, 1, 2, 4, 64, N, exact_len, use_mask, bits, 32 if bits == 4 else 1,
                                         256, 201, torch.float32)
     ref = decode_attention_reference(q, k, v, el, mask, body, bl)
     out = torch.full_like(q, float("nan"))
     flash_decode(q, k, v, el, None if mask is None else mask.view(torch.uint8), body, bl, q.shape[-1] ** -0.5, out=out)
-    assert spy.grids[-1] == (2, splits)
+    assert spies[kernel].grids == [grid]
+    if kernel == "body_and_exact_partial_kernel":
+        assert spies["token_partial_kernel"].grids == []
     assert rel_err(out, ref) < 1e-2
 
 

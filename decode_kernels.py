@@ -68,7 +68,7 @@ KIVI_PREFETCH = True  # KIVI scales and zeros loaded one tile ahead (else where 
 MIN_SPLIT = 1024  # tokens of capacity per split at least (plan_splits) ...
 FILL_WARPS_PER_SM = 8  # ... unless that leaves the grid fewer warps than this per SM
 EXACT_SPLITS = 8  # the exact slots behind a body: one tile per split, up to this many splits
-# Tokens per tile of the exact slots in an 8-bit body's launch. A one-warp program loads a bf16
+# Tokens per tile of the exact slots in a body's launch. A one-warp program loads a bf16
 # tile into registers before the dot: 32-token tiles made the kernel 252 registers a thread
 # (8 warps per SM, where the body alone runs 9); 16-token tiles keep it at the body's 224
 # (Triton 3.6, sm_90). The tiles are not pipelined (STAGES 1): most splits hold one.
@@ -365,11 +365,10 @@ def _has_fp8_cvt(device_index: int) -> bool:
 
 
 def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=None):
-    """Launch the partial kernels of the segments (the quantized body, if any, then the exact
-    slots; an 8-bit body and its exact slots in one launch, else one per segment) into one buffer
-    of splits, then the combine. Arguments as decode_attention's (checked there;
+    """Launch the partial kernel of the segments (the quantized body, if any, then the exact slots,
+    in one grid) into one buffer of splits, then the combine. Arguments as decode_attention's (checked there;
     exact_mask as uint8); `out` [B, Hq, D] is written in place if given."""
-    from decode_kernels_kivi import kivi_partial_kernel  # (it imports this module's helpers)
+    from decode_kernels_kivi import kivi_and_exact_partial_kernel  # (it imports this module's helpers)
 
     B, Hq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -384,7 +383,7 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
             block_n = min(block_n, kv_quant.VALUE_BLOCK)  # an 8-bit tile within one block of value codes
         segments.append((body.format, body.k_codes.shape[2], block_n, warps, stages))
     block_n, warps, stages, exact_waves = CONFIGS[("exact", D)]
-    if body is not None and body.bits == 8:
+    if body is not None:
         block_n = EXACT_BLOCK_N  # the exact slots run in the body's launch
     segments.append(("exact", N, block_n, warps, stages))
     # (CPU tensors reach here only under TRITON_INTERPRET=1, in tests.)
@@ -400,41 +399,38 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
     exact_args = (k, *k.stride()[:3], v, *v.stride()[:3])
     exact_len_arg = exact_len if exact_len is not None else q  # (pointers the kernel never reads without HAS_*)
     exact_mask_arg = exact_mask if exact_mask is not None else q
-    if body is not None and body.bits == 8:
-        # One launch for the body and the exact slots (body_and_exact_partial_kernel says why),
-        # in the body's config.
-        (fmt, body_cap, block_n, warps, stages), (_, exact_cap, *_) = segments
-        convert_asm = CONVERT_ASM and q.is_cuda
-        fp8_cvt = q.is_cuda and _has_fp8_cvt(device)
-        body_and_exact_partial_kernel[(B * Hkv, sum(splits))](
-            q, q.stride(0), q.stride(1), body.k_codes, *body.k_codes.stride()[:3],
-            body.v_codes, *body.v_codes.stride()[:3], body.k_scale, body.v_scale, *body.k_scale.stride()[:3], body_len,
-            *exact_args, exact_len_arg, exact_mask_arg,
-            o_part, lse, *o_part.stride()[:3], *lse.stride()[:2], qk_scale, Hkv, splits[0], body_cap, splits[1], exact_cap,
-            FORMAT=FORMAT_IDS[fmt], BLOCK_N=block_n, VB=kv_quant.VALUE_BLOCK, HAS_EXACT_LEN=exact_len is not None,
-            HAS_EXACT_MASK=exact_mask is not None, CONVERT_ASM=convert_asm, FP8_CVT=fp8_cvt,
-            FP8_UNIT=1.0 if convert_asm and fp8_cvt else 256.0, EXACT_BLOCK_N=EXACT_BLOCK_N, num_warps=warps,
-            num_stages=stages, **common)
+    if body is None:
+        token_partial_kernel[(B * Hkv, splits[0])](
+            q, q.stride(0), q.stride(1), *exact_args, k, k, 0, 0, 0, exact_len_arg, exact_mask_arg,
+            o_part, lse, *o_part.stride()[:3], *lse.stride()[:2], qk_scale, Hkv, 0, splits[0], N,
+            FORMAT=0, BLOCK_N=segments[0][2], VB=1, HAS_LEN=exact_len is not None, HAS_MASK=exact_mask is not None,
+            CONVERT_ASM=False, FP8_CVT=False, FP8_UNIT=1.0, num_warps=segments[0][3], num_stages=segments[0][4],
+            **common)
     else:
-        offset = 0
-        for (fmt, cap, block_n, warps, stages), n_splits in zip(segments, splits):
-            outputs = (o_part, lse, *o_part.stride()[:3], *lse.stride()[:2], qk_scale, Hkv, offset, n_splits, cap)
-            launch = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
-            grid = (B * Hkv, n_splits)
-            if fmt == "exact":
-                token_partial_kernel[grid](
-                    q, q.stride(0), q.stride(1), *exact_args, k, k, 0, 0, 0, exact_len_arg, exact_mask_arg, *outputs,
-                    FORMAT=0, VB=1, HAS_LEN=exact_len is not None, HAS_MASK=exact_mask is not None,
-                    CONVERT_ASM=False, FP8_CVT=False, FP8_UNIT=1.0, **launch)
-            else:
-                kivi_partial_kernel[grid](
-                    q, q.stride(0), q.stride(1), body.k_codes, *body.k_codes.stride()[:3],
-                    body.v_codes, *body.v_codes.stride()[:3], body.k_scale, body.k_zero, *body.k_scale.stride()[:3],
-                    body.v_scale, body.v_zero, *body.v_scale.stride()[:3], body_len, q, *outputs,
-                    BITS=body.bits, G=body.key_group, VG=body.value_group, HAS_LEN=True, HAS_MASK=False,
-                    KIVI_ASM=KIVI_ASM and q.is_cuda and (KIVI_F16 or q.dtype == torch.bfloat16), F16=KIVI_F16,
-                    PREFETCH=KIVI_PREFETCH, **launch)
-            offset += n_splits
+        # One launch for the body and the exact slots behind it (body_and_exact_partial_kernel
+        # says why), in the body's config.
+        (fmt, body_cap, block_n, warps, stages), (_, exact_cap, *_) = segments
+        grid = (B * Hkv, sum(splits))
+        tail = (*exact_args, exact_len_arg, exact_mask_arg, o_part, lse, *o_part.stride()[:3], *lse.stride()[:2],
+                qk_scale, Hkv, splits[0], body_cap, splits[1], exact_cap)
+        launch = dict(BLOCK_N=block_n, HAS_EXACT_LEN=exact_len is not None, HAS_EXACT_MASK=exact_mask is not None,
+                      EXACT_BLOCK_N=EXACT_BLOCK_N, num_warps=warps, num_stages=stages, **common)
+        if body.bits == 8:
+            convert_asm = CONVERT_ASM and q.is_cuda
+            fp8_cvt = q.is_cuda and _has_fp8_cvt(device)
+            body_and_exact_partial_kernel[grid](
+                q, q.stride(0), q.stride(1), body.k_codes, *body.k_codes.stride()[:3],
+                body.v_codes, *body.v_codes.stride()[:3], body.k_scale, body.v_scale, *body.k_scale.stride()[:3],
+                body_len, *tail, FORMAT=FORMAT_IDS[fmt], VB=kv_quant.VALUE_BLOCK, CONVERT_ASM=convert_asm,
+                FP8_CVT=fp8_cvt, FP8_UNIT=1.0 if convert_asm and fp8_cvt else 256.0, **launch)
+        else:
+            kivi_and_exact_partial_kernel[grid](
+                q, q.stride(0), q.stride(1), body.k_codes, *body.k_codes.stride()[:3],
+                body.v_codes, *body.v_codes.stride()[:3], body.k_scale, body.k_zero, *body.k_scale.stride()[:3],
+                body.v_scale, body.v_zero, *body.v_scale.stride()[:3], body_len, *tail,
+                BITS=body.bits, G=body.key_group, VG=body.value_group,
+                KIVI_ASM=KIVI_ASM and q.is_cuda and (KIVI_F16 or q.dtype == torch.bfloat16), F16=KIVI_F16,
+                PREFETCH=KIVI_PREFETCH, **launch)
     if out is None:
         out = torch.empty_like(q)
     s_pad = triton.next_power_of_2(sum(splits))

@@ -1,5 +1,6 @@
-"""The Triton flash-decoding kernel for KIVI bodies (int4 / int2): the partial kernel over one
-segment of packed codes, launched by decode_kernels (which combines the splits).
+"""The Triton flash-decoding kernel for KIVI bodies (int4 / int2): one launch for the body's
+splits of packed codes and the exact slots' behind it (kivi_and_exact_partial_kernel), launched
+by decode_kernels (which combines the splits).
 
 Planar packing (kv_quant): byte j of a token holds channels j, j + DP, ... at bit offsets 0, BITS,
 ...; plane i = channels [i*DP, (i+1)*DP). Each tile is loaded once as dense bytes ([DP, BLOCK_N]
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 
 import pdl
-from decode_kernels import finish_split, online_softmax, split_bounds
+from decode_kernels import finish_split, online_softmax, split_bounds, token_partial
 
 
 def _unpack_asm(bits, f16):
@@ -266,24 +267,26 @@ def _load_q(ptrs, row_ok, qk_scale, F16: tl.constexpr):
 
 
 @triton.jit
-def kivi_partial_kernel(
+def kivi_partial(
     Q, sqb, sqh,
     K, skb, skh, skn,  # packed codes [B, Hkv, L, DP]
     V, svb, svh, svn,
     KS, KZ, sksb, sksh, sksn,  # key scale / zero [B, Hkv, L / G, D] (same strides)
     VS, VZ, svsb, svsh, svsn,  # value scale / zero [B, Hkv, L, D / VG] (same strides)
-    LEN, MASK,
+    LEN,  # valid length [1]
     O, LSE, so_b, so_h, so_s,  # partial out [B, Hq, S_total, D] fp32, lse [B, Hq, S_total]
     sl_b, sl_h,
-    qk_scale, Hkv, split_offset, n_splits, cap,
+    qk_scale, Hkv,
+    split, sp, n_splits, cap,  # this program's split of the body, its index in O and LSE, the body's splits
     N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-    G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr,
     KIVI_ASM: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl.wait_for_inputs(PDL)
+    """One program's split of a KIVI body for one KV head: its partial output and log2-sum-exp,
+    written at split index sp."""
     b = tl.program_id(0) // Hkv
     h = tl.program_id(0) % Hkv
-    start, end = split_bounds(tl.program_id(1), LEN, cap, n_splits, HAS_LEN, BLOCK_N)
+    start, end = split_bounds(split, LEN, cap, n_splits, True, BLOCK_N)
 
     offs_m = tl.arange(0, M)
     row_ok = offs_m < N_REP
@@ -335,8 +338,6 @@ def kivi_partial_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + offs_n0
         ok_n = offs_n < end
-        if HAS_MASK:
-            ok_n = ok_n & (tl.load(MASK + offs_n, mask=ok_n, other=0) != 0)
         if PREFETCH:
             kp, vp = kp_next, vp_next
             kp_next = _key_params(ks_base, kz_base, n0 + BLOCK_N, cap, sksn, G, DP, NPL)
@@ -388,7 +389,6 @@ def kivi_partial_kernel(
                               acc3 * alpha[:, None])
 
     # ---- this split's normalized output and log2-sum-exp ----
-    sp = split_offset + tl.program_id(1)
     pdl.let_dependents_launch(PDL)
     inv_l, out_ok = finish_split(m_i, l_i, LSE, b * sl_b + heads * sl_h + sp, start, end, N_REP, M)
     o_row = O + b * so_b + heads * so_h + sp * so_s  # [M]
@@ -398,3 +398,33 @@ def kivi_partial_kernel(
     if NPL == 4:
         tl.store(o_p + 2 * DP, acc2 * inv_l[:, None], mask=out_ok[:, None])
         tl.store(o_p + 3 * DP, acc3 * inv_l[:, None], mask=out_ok[:, None])
+
+
+@triton.jit
+def kivi_and_exact_partial_kernel(
+    Q, sqb, sqh,
+    K, skb, skh, skn, V, svb, svh, svn,  # the KIVI body, as kivi_partial's
+    KS, KZ, sksb, sksh, sksn, VS, VZ, svsb, svsh, svsn, BODY_LEN,
+    EK, sekb, sekh, sekn, EV, sevb, sevh, sevn, EXACT_LEN, EXACT_MASK,  # the exact slots behind it
+    O, LSE, so_b, so_h, so_s, sl_b, sl_h,
+    qk_scale, Hkv, body_splits, body_cap, exact_splits, exact_cap,
+    N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+    G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, HAS_EXACT_LEN: tl.constexpr,
+    HAS_EXACT_MASK: tl.constexpr, KIVI_ASM: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr, EXACT_BLOCK_N: tl.constexpr,
+):
+    """Grid (B * Hkv, body_splits + exact_splits): a KIVI body and the exact slots behind it in
+    one launch, as decode_kernels.body_and_exact_partial_kernel does for 8-bit bodies (it says
+    why)."""
+    pdl.wait_for_inputs(PDL)
+    split = tl.program_id(1)
+    if split < body_splits:
+        kivi_partial(Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, KS, KZ, sksb, sksh, sksn,
+                     VS, VZ, svsb, svsh, svsn, BODY_LEN, O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv,
+                     split, split, body_splits, body_cap, N_REP, M, D, BITS, G, VG, BLOCK_N, KIVI_ASM, F16,
+                     PREFETCH, PDL)
+    else:
+        token_partial(Q, sqb, sqh, EK, sekb, sekh, sekn, EV, sevb, sevh, sevn, EK, EK, 0, 0, 0, EXACT_LEN, EXACT_MASK,
+                      O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv, split - body_splits, split, exact_splits,
+                      exact_cap, N_REP, M, D, 0, EXACT_BLOCK_N, 1, HAS_EXACT_LEN, HAS_EXACT_MASK, False, False, 1.0,
+                      PDL, 1)

@@ -31,7 +31,8 @@ ATTENTION_KERNELS = ("flash", "fmha", "attention", "attn")
 MATMUL_KERNELS = ("gemm", "gemv", "cublas", "cutlass", "xmma", "nvjet", "matmul", "_mm_", "splitk")
 # The decode-attention Triton kernels (decode_kernels*.py): named here because CUDA-graph replays
 # (--compile on CUDA) hide the op that launched them.
-DECODE_KERNELS = {"token_partial_kernel", "kivi_partial_kernel", "combine_kernel"}
+DECODE_KERNELS = {"token_partial_kernel", "body_and_exact_partial_kernel", "kivi_and_exact_partial_kernel",
+                  "combine_kernel"}
 LINEAR_KERNELS = {"linear_kernel"}  # the products' Triton kernel (linear_kernels.py), for the same reason
 DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 HOST_CATS = {"cpu_op", "user_annotation", "cuda_runtime", "cuda_driver"}

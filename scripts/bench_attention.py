@@ -251,9 +251,9 @@ def write_sass(out_dir: str) -> None:
     the name's order), to count instructions per tile offline."""
     from triton.tools.disasm import get_sass
 
-    from decode_kernels_kivi import kivi_partial_kernel
+    from decode_kernels_kivi import kivi_and_exact_partial_kernel
 
-    for fn in (dk.token_partial_kernel, dk.body_and_exact_partial_kernel, kivi_partial_kernel):
+    for fn in (dk.token_partial_kernel, dk.body_and_exact_partial_kernel, kivi_and_exact_partial_kernel):
         for kernels in fn.device_caches.values():
             for i, compiled in enumerate(kernels[0].values()):
                 consts = {k: v for k, v in compiled.src.constants.items()} if hasattr(compiled.src, "constants") else {}

@@ -311,33 +311,34 @@ class GridSpy:
 
 @interp
 @pytest.mark.parametrize("bits,N,exact_len,use_mask,kernel,grid", [
-    # int8: one launch, the body's one split (its 256 tokens of capacity) then 8 splits of the
-    # exact slots (one EXACT_BLOCK_N-token tile each would be 38)
-    (8, 600, 590, True, "body_and_exact_partial_kernel", (2, 1 + 8)),
-    # int4: the exact slots' own launch after the body's, 300 slots in 64-token tiles
-    (4, 300, 70, False, "token_partial_kernel", (2, 5)),
+    # One launch: the body's one split (its 256 tokens of capacity), then 8 splits of the exact
+    # slots (one EXACT_BLOCK_N-token tile each would be 38 and 19)
+    (8, 600, 590, True, "decode_kernels.body_and_exact_partial_kernel", (2, 1 + 8)),
+    (4, 300, 70, False, "decode_kernels_kivi.kivi_and_exact_partial_kernel", (2, 1 + 8)),
 ])
 def test_exact_slots_behind_a_body_one_tile_per_split_interpreted(triton_interpreter, monkeypatch, bits, N, exact_len,
                                                                    use_mask, kernel, grid):
     """The exact slots behind a body run one tile per split, at most EXACT_SPLITS (the plan alone,
-    sized by the body's capacity, gives them one split here); splits past the exact length stay
-    empty. Behind an 8-bit body they are the last splits of the body's launch."""
+    sized by the body's capacity, gives them one split here), as the last splits of the body's
+    launch; splits past the exact length stay empty."""
     import decode_kernels
+    import decode_kernels_kivi
     from decode_kernels import flash_decode
 
     monkeypatch.setattr(decode_kernels, "FILL_WARPS_PER_SM", 0)
-    spies = {name: GridSpy(getattr(decode_kernels, name)) for name in ("token_partial_kernel",
-                                                                       "body_and_exact_partial_kernel")}
-    for name, spy in spies.items():
-        monkeypatch.setattr(decode_kernels, name, spy)
+    modules = {"decode_kernels": decode_kernels, "decode_kernels_kivi": decode_kernels_kivi}
+    spies = {}
+    for name in ("decode_kernels.token_partial_kernel", "decode_kernels.body_and_exact_partial_kernel",
+                 "decode_kernels_kivi.kivi_and_exact_partial_kernel"):
+        module, fn = name.split(".")
+        spies[name] = GridSpy(getattr(modules[module], fn))
+        monkeypatch.setattr(modules[module], fn, spies[name])
     q, k, v, el, mask, body, bl = _case(22 + bits, 1, 2, 4, 64, N, exact_len, use_mask, bits, 32 if bits == 4 else 1,
                                         256, 201, torch.float32)
     ref = decode_attention_reference(q, k, v, el, mask, body, bl)
     out = torch.full_like(q, float("nan"))
     flash_decode(q, k, v, el, None if mask is None else mask.view(torch.uint8), body, bl, q.shape[-1] ** -0.5, out=out)
-    assert spies[kernel].grids == [grid]
-    if kernel == "body_and_exact_partial_kernel":
-        assert spies["token_partial_kernel"].grids == []
+    assert {name: spy.grids for name, spy in spies.items()} == {name: [grid] if name == kernel else [] for name in spies}
     assert rel_err(out, ref) < 1e-2
 
 

@@ -303,6 +303,18 @@ def test_graph_replayed_engine_kernels_are_named_by_their_own_names():
     assert s["times_us"] == pytest.approx({"attention": 25, "matmul": 50, "kv_quant": 0, "other": 9})
 
 
+def test_every_decode_attention_kernel_is_attention():
+    """Each Triton kernel of decode_kernels*.py (the `*_kernel` functions) is named in
+    DECODE_KERNELS, so that a renamed or new kernel cannot fall into "other" unseen."""
+    import decode_kernels
+    import decode_kernels_kivi
+
+    names = {name for module in (decode_kernels, decode_kernels_kivi) for name in vars(module)
+             if name.endswith("_kernel") and hasattr(getattr(module, name), "run")}
+    assert names and names == sp.DECODE_KERNELS
+    assert {name: sp.kernel_category(name) for name in names} == dict.fromkeys(names, "attention")
+
+
 def test_categorizer_charges_kernels_to_their_launching_op():
     trace = {"traceEvents": [
         _x("aten::linear", 0, 10, **{"External id": 1}), _x("cudaLaunchKernel", 2, 1, cat="cuda_runtime", correlation=7),

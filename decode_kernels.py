@@ -6,8 +6,8 @@ Decode is memory-bound: each step must read every valid byte of the cache once. 
 (B * Hkv, splits): a program owns one KV head and one chunk of the sequence, loads each tile of
 keys and values once for the n_rep query heads that share it (GQA: the group padded to the 16
 rows a tensor-core dot needs) and keeps an online softmax; a second kernel combines the splits
-by their log-sum-exps. An int8 or fp8 body and the exact slots behind it are one grid
-(body_and_exact_partial_kernel). The current length is read on the device and each split's
+by their log-sum-exps. A quantized body and the exact slots behind it are one grid
+(body_and_exact_partial_kernel; KIVI's in decode_kernels_kivi). The current length is read on the device and each split's
 chunk derived from it inside the kernel, so the grid is static and a CUDA-graph replay sees the
 cache grow.
 
@@ -256,25 +256,24 @@ def token_partial(
 
 @triton.jit
 def token_partial_kernel(
-    Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, KS, VS, ssb, ssh, ssn, LEN, MASK,  # as token_partial's
+    Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, LEN, MASK,  # exact slots, as token_partial's
     O, LSE, so_b, so_h, so_s, sl_b, sl_h,
-    qk_scale, Hkv, split_offset, n_splits, cap,  # the segment's splits go to O and LSE from split_offset on
-    N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, FORMAT: tl.constexpr, BLOCK_N: tl.constexpr, VB: tl.constexpr,
-    HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr, CONVERT_ASM: tl.constexpr, FP8_CVT: tl.constexpr,
-    FP8_UNIT: tl.constexpr, PDL: tl.constexpr,
+    qk_scale, Hkv, n_splits, cap,
+    N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Grid (B * Hkv, n_splits): one segment of token slots."""
+    """Grid (B * Hkv, n_splits): exact slots alone (the full and compress_kv caches)."""
     pdl.wait_for_inputs(PDL)
-    token_partial(Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, KS, VS, ssb, ssh, ssn, LEN, MASK,
-                  O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv,
-                  tl.program_id(1), split_offset + tl.program_id(1), n_splits, cap,
-                  N_REP, M, D, FORMAT, BLOCK_N, VB, HAS_LEN, HAS_MASK, CONVERT_ASM, FP8_CVT, FP8_UNIT, PDL, None)
+    split = tl.program_id(1)
+    token_partial(Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, K, K, 0, 0, 0, LEN, MASK,
+                  O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv, split, split, n_splits, cap,
+                  N_REP, M, D, 0, BLOCK_N, 1, HAS_LEN, HAS_MASK, False, False, 1.0, PDL, None)
 
 
 @triton.jit
 def body_and_exact_partial_kernel(
     Q, sqb, sqh,
-    K, skb, skh, skn, V, svb, svh, svn, KS, VS, ssb, ssh, ssn, BODY_LEN,  # the 8-bit body, as token_partial's
+    K, skb, skh, skn, V, svb, svh, svn, KS, VS, ssb, ssh, ssn, BODY_LEN,  # the int8/fp8 body, as token_partial's
     EK, sekb, sekh, sekn, EV, sevb, sevh, sevn, EXACT_LEN, EXACT_MASK,  # the exact slots behind it
     O, LSE, so_b, so_h, so_s, sl_b, sl_h,
     qk_scale, Hkv, body_splits, body_cap, exact_splits, exact_cap,
@@ -336,10 +335,10 @@ def plan_splits(bh: int, capacities: list[int], block_ns: list[int], warps: int,
     23.2; 128K: 89 against 94). Eight warps per SM, not four: one layer at batch 1 / 32K, int8
     29.7 us against 45.9 (docs/kernels.md).
     The exact slots behind a body (the segments after the first: sink, window, a pending KIVI
-    group, usually a few hundred) take one tile per split, up to EXACT_SPLITS: they run at the
-    end (after the body's kernel, or as the last programs of its grid), and at batch 1 their tiles
-    one after another in a few programs were a latency of their own (int4, 4-layer step: 27 -> 16
-    us)."""
+    group, usually a few hundred) take one tile per split, up to EXACT_SPLITS: they are the last
+    programs of the body's grid, and at batch 1 their tiles one after another in a few programs
+    were a latency of their own (int4, 4-layer step, when they were a launch after the body's:
+    27 -> 16 us)."""
     target = max(1, math.ceil(waves * sm_count / bh))
     total = sum(capacities)
     fill = FILL_WARPS_PER_SM * sm_count / (warps * bh)  # splits in all that give the grid that many warps
@@ -366,8 +365,8 @@ def _has_fp8_cvt(device_index: int) -> bool:
 
 def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=None):
     """Launch the partial kernel of the segments (the quantized body, if any, then the exact slots,
-    in one grid) into one buffer of splits, then the combine. Arguments as decode_attention's (checked there;
-    exact_mask as uint8); `out` [B, Hq, D] is written in place if given."""
+    in one grid) into one buffer of splits, then the combine. Arguments as decode_attention's
+    (checked there; exact_mask as uint8); `out` [B, Hq, D] is written in place if given."""
     from decode_kernels_kivi import kivi_and_exact_partial_kernel  # (it imports this module's helpers)
 
     B, Hq, D = q.shape
@@ -401,11 +400,10 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
     exact_mask_arg = exact_mask if exact_mask is not None else q
     if body is None:
         token_partial_kernel[(B * Hkv, splits[0])](
-            q, q.stride(0), q.stride(1), *exact_args, k, k, 0, 0, 0, exact_len_arg, exact_mask_arg,
-            o_part, lse, *o_part.stride()[:3], *lse.stride()[:2], qk_scale, Hkv, 0, splits[0], N,
-            FORMAT=0, BLOCK_N=segments[0][2], VB=1, HAS_LEN=exact_len is not None, HAS_MASK=exact_mask is not None,
-            CONVERT_ASM=False, FP8_CVT=False, FP8_UNIT=1.0, num_warps=segments[0][3], num_stages=segments[0][4],
-            **common)
+            q, q.stride(0), q.stride(1), *exact_args, exact_len_arg, exact_mask_arg,
+            o_part, lse, *o_part.stride()[:3], *lse.stride()[:2], qk_scale, Hkv, splits[0], N,
+            BLOCK_N=segments[0][2], HAS_LEN=exact_len is not None, HAS_MASK=exact_mask is not None,
+            num_warps=segments[0][3], num_stages=segments[0][4], **common)
     else:
         # One launch for the body and the exact slots behind it (body_and_exact_partial_kernel
         # says why), in the body's config.

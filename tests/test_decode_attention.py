@@ -260,23 +260,23 @@ def test_split_plan():
     assert (MIN_SPLIT, FILL_WARPS_PER_SM) == (1024, 8)  # the values the figures below assume
     # int8 (one-warp programs, 16 waves), batch 1: 1024-token splits of a 128K body would be 1024
     # one-warp programs, under eight per SM: the fill rule makes it 132 splits of ~993 tokens
-    # (the waves' target is 264), the 49 exact slots behind it one.
-    assert plan_splits(8, [131072, 49], [32, 64], 1, 132, 16) == [132, 1]
+    # (the waves' target is 264); the 49 exact slots behind it (EXACT_BLOCK_N = 16-token tiles in
+    # the body's launch) one tile per split.
+    assert plan_splits(8, [131072, 49], [32, 16], 1, 132, 16) == [132, 4]
     # batch 1, an 8K body: 1024-token splits would be 8 programs per KV head, 64 one-warp
     # programs on 132 SMs; the fill rule cuts 8K into 132 splits of ~62 tokens (1056 warps in all).
-    assert plan_splits(8, [8192, 49], [32, 64], 1, 132, 16) == [132, 1]
+    assert plan_splits(8, [8192, 49], [32, 16], 1, 132, 16) == [132, 4]
     # batch 8 / 32K: the waves' target (33) and MIN_SPLIT (32) agree.
-    assert plan_splits(64, [32768, 49], [32, 64], 1, 132, 16) == [32, 1]
+    assert plan_splits(64, [32768, 49], [32, 16], 1, 132, 16) == [32, 4]
     # bf16 (four-warp programs, 8 waves): batch 1 / 128K 128 splits, batch 8 / 32K the target 17.
     assert plan_splits(8, [131072], [64], 4, 132, 8) == [128]
     assert plan_splits(64, [32768], [64], 4, 132, 8) == [17]
     # A few tokens: one tile per split at the least.
     assert plan_splits(8, [64], [32], 1, 132, 16) == [2]
-    # The exact slots behind a body: one tile per split, at most EXACT_SPLITS (int4's 176, int2's
-    # 80; 1000 would be 16 tiles).
-    assert plan_splits(8, [131072, 176], [32, 64], 1, 132, 16) == [132, 3]
-    assert plan_splits(64, [32768, 80], [32, 64], 1, 132, 16) == [32, 2]
-    assert plan_splits(8, [131072, 1000], [32, 64], 1, 132, 16) == [132, 8]
+    # The exact slots behind a body: one tile per split, at most EXACT_SPLITS (int4's 176 would be
+    # 11 tiles, int2's 80 five).
+    assert plan_splits(8, [131072, 176], [32, 16], 1, 132, 16) == [132, 8]
+    assert plan_splits(64, [32768, 80], [32, 16], 1, 132, 16) == [32, 5]
 
 
 @interp

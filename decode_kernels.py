@@ -255,6 +255,20 @@ def token_partial(
 
 
 @triton.jit
+def exact_partial(
+    Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, LEN, MASK,  # exact slots, as token_partial's
+    O, LSE, so_b, so_h, so_s, sl_b, sl_h,
+    qk_scale, Hkv, split, sp, n_splits, cap,
+    N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr,
+):
+    """token_partial over exact slots (no codes, no scales)."""
+    token_partial(Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, K, K, 0, 0, 0, LEN, MASK,
+                  O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv, split, sp, n_splits, cap,
+                  N_REP, M, D, 0, BLOCK_N, 1, HAS_LEN, HAS_MASK, False, False, 1.0, PDL, STAGES)
+
+
+@triton.jit
 def token_partial_kernel(
     Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, LEN, MASK,  # exact slots, as token_partial's
     O, LSE, so_b, so_h, so_s, sl_b, sl_h,
@@ -265,9 +279,8 @@ def token_partial_kernel(
     """Grid (B * Hkv, n_splits): exact slots alone (the full and compress_kv caches)."""
     pdl.wait_for_inputs(PDL)
     split = tl.program_id(1)
-    token_partial(Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, K, K, 0, 0, 0, LEN, MASK,
-                  O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv, split, split, n_splits, cap,
-                  N_REP, M, D, 0, BLOCK_N, 1, HAS_LEN, HAS_MASK, False, False, 1.0, PDL, None)
+    exact_partial(Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, LEN, MASK, O, LSE, so_b, so_h, so_s, sl_b, sl_h,
+                  qk_scale, Hkv, split, split, n_splits, cap, N_REP, M, D, BLOCK_N, HAS_LEN, HAS_MASK, PDL, None)
 
 
 @triton.jit
@@ -293,9 +306,9 @@ def body_and_exact_partial_kernel(
                       O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv, split, split, body_splits, body_cap,
                       N_REP, M, D, FORMAT, BLOCK_N, VB, True, False, CONVERT_ASM, FP8_CVT, FP8_UNIT, PDL, None)
     else:
-        token_partial(Q, sqb, sqh, EK, sekb, sekh, sekn, EV, sevb, sevh, sevn, EK, EK, 0, 0, 0, EXACT_LEN, EXACT_MASK,
+        exact_partial(Q, sqb, sqh, EK, sekb, sekh, sekn, EV, sevb, sevh, sevn, EXACT_LEN, EXACT_MASK,
                       O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv, split - body_splits, split, exact_splits,
-                      exact_cap, N_REP, M, D, 0, EXACT_BLOCK_N, 1, HAS_EXACT_LEN, HAS_EXACT_MASK, False, False, 1.0, PDL, 1)
+                      exact_cap, N_REP, M, D, EXACT_BLOCK_N, HAS_EXACT_LEN, HAS_EXACT_MASK, PDL, 1)
 
 
 @triton.jit

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 import pdl
-from decode_kernels import finish_split, online_softmax, split_bounds, token_partial
+from decode_kernels import exact_partial, finish_split, online_softmax, split_bounds
 
 
 def _unpack_asm(bits, f16):
@@ -424,7 +424,6 @@ def kivi_and_exact_partial_kernel(
                      split, split, body_splits, body_cap, N_REP, M, D, BITS, G, VG, BLOCK_N, KIVI_ASM, F16,
                      PREFETCH, PDL)
     else:
-        token_partial(Q, sqb, sqh, EK, sekb, sekh, sekn, EV, sevb, sevh, sevn, EK, EK, 0, 0, 0, EXACT_LEN, EXACT_MASK,
+        exact_partial(Q, sqb, sqh, EK, sekb, sekh, sekn, EV, sevb, sevh, sevn, EXACT_LEN, EXACT_MASK,
                       O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv, split - body_splits, split, exact_splits,
-                      exact_cap, N_REP, M, D, 0, EXACT_BLOCK_N, 1, HAS_EXACT_LEN, HAS_EXACT_MASK, False, False, 1.0,
-                      PDL, 1)
+                      exact_cap, N_REP, M, D, EXACT_BLOCK_N, HAS_EXACT_LEN, HAS_EXACT_MASK, PDL, 1)

@@ -414,6 +414,44 @@ def test_kivi_tiles_interpreted(triton_interpreter, monkeypatch, kivi, f16, pref
     _check_kivi_tiles(monkeypatch, kivi, f16, prefetch, "cpu")
 
 
+def _check_rising_scores(monkeypatch, bits, groups, device):
+    """A KIVI body whose scores rise along the tokens, slowly (a few units per tile, below the
+    kernel's lazy-rescale threshold until they add up) and then in one jump of about 40, read by
+    one split per head: the running max moves late and seldom (decode_kernels_kivi
+    _online_softmax_lazy), and the output must still match the float64 oracle on the same codes."""
+    import decode_kernels
+    from decode_kernels import flash_decode
+
+    monkeypatch.setattr(decode_kernels, "MIN_SPLIT", 1 << 30)  # one split per KV head
+    monkeypatch.setattr(decode_kernels, "FILL_WARPS_PER_SM", 0)
+    gen = torch.Generator().manual_seed(31)
+    B, Hkv, n_rep, D, L, body_len = 1, 2, 4, 128, 512, 480
+    q = torch.randn(B, Hkv * n_rep, D, generator=gen)
+    u = q.view(B, Hkv, n_rep, D).sum(2)  # [B, Hkv, D]: raises every query head's score of its KV head
+    u = u / u.norm(dim=-1, keepdim=True)
+    t = torch.arange(L, dtype=torch.float32)
+    rise = 0.6 * t / 32 + 40.0 * (t >= 400)  # in units of q.u / sqrt(D): roughly log2 units per tile
+    k = torch.randn(B, Hkv, L, D, generator=gen) * 0.5 + rise[None, None, :, None] * u[:, :, None, :] * 2.5
+    v = torch.randn(B, Hkv, L, D, generator=gen)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    body = quantize_kivi(k, v, bits, *groups, dtype)
+    q, ek, ev = (x.to(dtype) for x in (q, torch.randn(B, Hkv, 16, D, generator=gen), torch.randn(B, Hkv, 16, D, generator=gen)))
+    el = torch.tensor([16], dtype=torch.int32)
+    bl = torch.tensor([body_len])
+    ref = oracle(q, ek, ev, el, None, body, bl)
+    body = QuantizedBody(*body[:3], *(x.to(device) for x in body[3:9]))
+    q, ek, ev, el, bl = (x.to(device) for x in (q, ek, ev, el, bl))
+    out = torch.full_like(q, float("nan"))
+    flash_decode(q, ek, ev, el, None, body, bl, D ** -0.5, out=out)
+    assert rel_err(out.cpu(), ref) < 1e-2
+
+
+@interp
+@pytest.mark.parametrize("bits,groups", [(4, (128, 32)), (2, (32, 32))])
+def test_kivi_scores_rising_late_interpreted(triton_interpreter, monkeypatch, bits, groups):
+    _check_rising_scores(monkeypatch, bits, groups, "cpu")
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the Triton kernel against the reference
 # ---------------------------------------------------------------------------------------------
@@ -495,6 +533,12 @@ def test_kernel_portable_paths(shape, body, switch, monkeypatch):
 def test_kivi_tiles(monkeypatch, kivi, f16, prefetch):
     """Each swept KIVI tile and switch on the GPU (the PTX)."""
     _check_kivi_tiles(monkeypatch, kivi, f16, prefetch, "cuda")
+
+
+@gpu
+@pytest.mark.parametrize("bits,groups", [(4, (128, 32)), (2, (32, 32))])
+def test_kivi_scores_rising_late(monkeypatch, bits, groups):
+    _check_rising_scores(monkeypatch, bits, groups, "cuda")
 
 
 @gpu

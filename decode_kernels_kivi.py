@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 import pdl
-from decode_kernels import exact_partial, finish_split, split_bounds
+from decode_kernels import exact_partial, finish_split, online_softmax_lazy, split_bounds
 
 
 def _unpack_asm(bits, f16):
@@ -68,9 +68,6 @@ _UNPACK4_F16_ASM = tl.constexpr(_unpack_asm(4, True))
 _UNPACK2_F16_ASM = tl.constexpr(_unpack_asm(2, True))
 _DEQUANT_BF16_ASM = tl.constexpr(_DEQUANT_BF16_PTX)
 _DEQUANT_F16_ASM = tl.constexpr("fma.rn.f16x2 $0, $1, $2, $3;")
-# How far (log2) a row's scores may pass the running max before the accumulators are rescaled
-# (_online_softmax_lazy): probabilities stay below 2**8, far inside fp16.
-RESCALE_LOG2 = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -259,21 +256,6 @@ def _kivi_value_plane_asm(f, params, F16: tl.constexpr, BLOCK_N: tl.constexpr, D
 
 
 @triton.jit
-def _online_softmax_lazy(s, m_i, l_i):
-    """decode_kernels.online_softmax with a lazy running max: it moves only when some row's tile
-    max passes it by more than RESCALE_LOG2, so p stays below 2**RESCALE_LOG2 (fp16 holds it, the
-    sums are fp32) and most tiles of a long split skip the accumulators' rescale. Returns (p,
-    whether the max moved: the accumulators need alpha, alpha, max, sum)."""
-    m_tile = tl.maximum(m_i, tl.max(s, axis=1))
-    grew = tl.max((m_tile > m_i + RESCALE_LOG2).to(tl.int32), axis=0) > 0  # a -inf max always moves
-    m_new = tl.where(grew, m_tile, m_i)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    return p, grew, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
-
-
-@triton.jit
 def _load_q(ptrs, row_ok, qk_scale, F16: tl.constexpr):
     """A plane of q, [M, DP], in the dots' dtype: F16 prescaled (softmax scale, log2 e) and
     rounded to fp16 once, so that the scores leave the dots in log2 units; else as stored."""
@@ -383,7 +365,7 @@ def kivi_partial(
         if not F16:
             s = s * qk_scale
         s = tl.where(ok_n[None, :], s, float("-inf"))
-        p, grew, alpha, m_i, l_i = _online_softmax_lazy(s, m_i, l_i)
+        p, grew, alpha, m_i, l_i = online_softmax_lazy(s, m_i, l_i)
         if grew:
             acc0 = acc0 * alpha[:, None]
             acc1 = acc1 * alpha[:, None]

@@ -415,10 +415,12 @@ def test_kivi_tiles_interpreted(triton_interpreter, monkeypatch, kivi, f16, pref
 
 
 def _check_rising_scores(monkeypatch, bits, groups, device):
-    """A KIVI body whose scores rise along the tokens, slowly (a few units per tile, below the
-    kernel's lazy-rescale threshold until they add up) and then in one jump of about 40, read by
-    one split per head: the running max moves late and seldom (decode_kernels_kivi
-    _online_softmax_lazy), and the output must still match the float64 oracle on the same codes."""
+    """A body whose scores rise along the tokens, slowly (a few units per tile, below the kernels'
+    lazy-rescale threshold until they add up) and then in one jump of about 40, and, for the 8-bit
+    formats, whose values grow 1e5-fold and then shrink to 1e-5 of their start (the product scale
+    must move with them, or fp16 overflows), read by one split per head: the running max and the product scale move late
+    and seldom (decode_kernels.online_softmax_lazy), and the output must still match the float64
+    oracle on the same codes."""
     import decode_kernels
     from decode_kernels import flash_decode
 
@@ -433,22 +435,33 @@ def _check_rising_scores(monkeypatch, bits, groups, device):
     rise = 0.6 * t / 32 + 40.0 * (t >= 400)  # in units of q.u / sqrt(D): roughly log2 units per tile
     k = torch.randn(B, Hkv, L, D, generator=gen) * 0.5 + rise[None, None, :, None] * u[:, :, None, :] * 2.5
     v = torch.randn(B, Hkv, L, D, generator=gen)
+    if bits in (8, "fp8"):  # (KIVI dequantizes values in fp16: no such range there)
+        v = v * torch.where(t < 160, 1.0, torch.where(t < 320, 1e5, 1e-5))[None, None, :, None]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    body = quantize_kivi(k, v, bits, *groups, dtype)
+    if bits in (8, "fp8"):
+        quantize = kv_quant.quantize_fp8_per_token if bits == "fp8" else kv_quant.quantize_symmetric_per_token
+        (kc, ks), (vc, vs) = quantize(k, dtype), quantize(v, dtype)
+        body = QuantizedBody(8, 0, 0, kc, ks, None, kv_quant.block_value_codes(vc), vs, None, fp8=bits == "fp8")
+    else:
+        body = quantize_kivi(k, v, bits, *groups, dtype)
     q, ek, ev = (x.to(dtype) for x in (q, torch.randn(B, Hkv, 16, D, generator=gen), torch.randn(B, Hkv, 16, D, generator=gen)))
     el = torch.tensor([16], dtype=torch.int32)
     bl = torch.tensor([body_len])
     ref = oracle(q, ek, ev, el, None, body, bl)
-    body = QuantizedBody(*body[:3], *(x.to(device) for x in body[3:9]))
+    body = body._replace(**{f: getattr(body, f).to(device) for f in ("k_codes", "k_scale", "v_codes", "v_scale")},
+                         **{f: getattr(body, f).to(device) for f in ("k_zero", "v_zero") if getattr(body, f) is not None})
     q, ek, ev, el, bl = (x.to(device) for x in (q, ek, ev, el, bl))
     out = torch.full_like(q, float("nan"))
     flash_decode(q, ek, ev, el, None, body, bl, D ** -0.5, out=out)
     assert rel_err(out.cpu(), ref) < 1e-2
 
 
+RISING = [(8, 0), ("fp8", 0), (4, (128, 32)), (2, (32, 32))]  # (bits, KIVI groups)
+
+
 @interp
-@pytest.mark.parametrize("bits,groups", [(4, (128, 32)), (2, (32, 32))])
-def test_kivi_scores_rising_late_interpreted(triton_interpreter, monkeypatch, bits, groups):
+@pytest.mark.parametrize("bits,groups", RISING)
+def test_scores_rising_late_interpreted(triton_interpreter, monkeypatch, bits, groups):
     _check_rising_scores(monkeypatch, bits, groups, "cpu")
 
 
@@ -536,8 +549,8 @@ def test_kivi_tiles(monkeypatch, kivi, f16, prefetch):
 
 
 @gpu
-@pytest.mark.parametrize("bits,groups", [(4, (128, 32)), (2, (32, 32))])
-def test_kivi_scores_rising_late(monkeypatch, bits, groups):
+@pytest.mark.parametrize("bits,groups", RISING)
+def test_scores_rising_late(monkeypatch, bits, groups):
     _check_rising_scores(monkeypatch, bits, groups, "cuda")
 
 

@@ -10,13 +10,16 @@ G, the key group, and splits start on tile boundaries), so its key scales and ze
 of D per tile; VG is the value group (per token, a scale and zero per VG channels). The scales
 and zeros are loaded one tile ahead (PREFETCH), as the 8-bit kernel's scales.
 
-Codes become a float f built from their bits (exact): F16 f = 1 + code / 2**BITS in fp16 (the
-code under the top of the mantissa), else f = 128 + code in bf16 (under the exponent of 128).
+Codes become a float f built from their bits (exact): F16 values f = 1 + code / 2**BITS in fp16
+(the code under the top of the mantissa), F16 keys f = 1024 + code * 2**(plane * BITS) (the
+plane's bits left where they are, under the exponent of 1024: no shift), else f = 128 + code in
+bf16 (under the exponent of 128).
 
 Keys are never dequantized: a key group's scale and zero are per channel, so its scale is folded
-into q once per group (q * a, a the step of f: 2**BITS * scale in F16, else scale), and the offset
-of f and the zeros into one [M] term added to the group's scores (_fold_key_plane); the dots then
-read the unpacked codes as they are, in the layout the dot wants (docs/kernels.md has the timings).
+into q once per group (q * a, a the step of f: scale / 2**(plane * BITS) in F16, else scale), and
+the offset of f and the zeros into one [M] term added to the group's scores (_fold_key_plane); the
+dots then read the unpacked codes as they are, in the layout the dot wants (docs/kernels.md has
+the timings).
 
 Values keep one scale and zero per token and VG channels, dequantized per element: value = f * a
 + b, one FMA, with a = 2**BITS * scale and b = zero - a rounded to fp16 once per group (F16; q and
@@ -56,6 +59,19 @@ def _unpack_asm(bits, f16):
     return "\n".join(lines + ["}"])
 
 
+def _unpack_keys_asm(bits):
+    """PTX for four packed key bytes -> every plane as fp16 1024 + code * 2**(plane * bits): two
+    PRMTs put bytes (0, 1) and (2, 3) under the halves' low bytes, then one LOP3 per output pair
+    keeps a plane's bits in place and ORs the exponent of 1024, no shift (the key fold divides
+    that plane's scale by 2**(plane * bits)). Outputs as _unpack_asm's."""
+    lines = ["{", ".reg .b32 t, u;", f"prmt.b32 t, ${8 // bits * 2}, 0, 0x4140;", f"prmt.b32 u, ${8 // bits * 2}, 0, 0x4342;"]
+    for plane in range(8 // bits):
+        mask = ((1 << bits) - 1) << (plane * bits)
+        for half, src in enumerate("tu"):
+            lines.append(f"lop3.b32 ${2 * plane + half}, {src}, 0x{mask | mask << 16:08x}, 0x64006400, 0xea;")
+    return "\n".join(lines + ["}"])
+
+
 _DEQUANT_BF16_PTX = "\n".join([
     "{", ".reg .b32 c, one, off;", "mov.b32 one, 0x3f803f80;", "mov.b32 off, 0xc300c300;",
     "fma.rn.bf16x2 c, $1, one, off;", "fma.rn.bf16x2 $0, c, $2, $3;", "}",
@@ -66,6 +82,8 @@ _UNPACK4_ASM = tl.constexpr(_unpack_asm(4, False))
 _UNPACK2_ASM = tl.constexpr(_unpack_asm(2, False))
 _UNPACK4_F16_ASM = tl.constexpr(_unpack_asm(4, True))
 _UNPACK2_F16_ASM = tl.constexpr(_unpack_asm(2, True))
+_UNPACK4_KEYS_ASM = tl.constexpr(_unpack_keys_asm(4))
+_UNPACK2_KEYS_ASM = tl.constexpr(_unpack_keys_asm(2))
 _DEQUANT_BF16_ASM = tl.constexpr(_DEQUANT_BF16_PTX)
 _DEQUANT_F16_ASM = tl.constexpr("fma.rn.f16x2 $0, $1, $2, $3;")
 
@@ -103,8 +121,8 @@ def _key_params(KS, KZ, n, cap, sksn, G: tl.constexpr, DP: tl.constexpr, NPL: tl
 
 
 @triton.jit
-def _fold_key_plane(q_i, params, BITS: tl.constexpr, F16: tl.constexpr):
-    """A key group's scales and zeros folded into q (module docstring), for one plane: q_i [M, DP]
+def _fold_key_plane(q_i, params, I: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
+    """A key group's scales and zeros folded into q (module docstring), for plane I: q_i [M, DP]
     in the dots' dtype and the plane's (scale, zero) [DP] -> (q_i * a rounded to that dtype once,
     [M] fp32: what the codes' offset and the zeros add to every score of the group). With
     k = a * (f - OFF) + zero + scale * MID per channel, MID the middle code and OFF the f of MID,
@@ -114,8 +132,9 @@ def _fold_key_plane(q_i, params, BITS: tl.constexpr, F16: tl.constexpr):
     scale = params[0].to(tl.float32)
     mid = ((1 << BITS) - 1) / 2
     if F16:
-        a = scale * (1 << BITS)  # f = 1 + code / 2**BITS
-        offset = 1.0 + mid / (1 << BITS)
+        w = 1 << (I * BITS)  # key f = 1024 + code * w (_unpack_key_planes)
+        a = scale / w
+        offset = 1024.0 + mid * w
     else:
         a = scale  # f = 128 + code
         offset = 128.0 + mid
@@ -174,13 +193,13 @@ def _dequant(f, a, b, F16: tl.constexpr):
 def _fold_keys(q0, q1, q2, q3, kp, NPL: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
     """_fold_key_plane of every plane: (q0 * a0, q1 * a1, q2 * a2, q3 * a3, the summed [M] term);
     with two planes, q2 and q3 are passed through unused."""
-    qa0, c = _fold_key_plane(q0, kp[0], BITS, F16)
-    qa1, c_i = _fold_key_plane(q1, kp[1], BITS, F16)
+    qa0, c = _fold_key_plane(q0, kp[0], 0, BITS, F16)
+    qa1, c_i = _fold_key_plane(q1, kp[1], 1, BITS, F16)
     c += c_i
     if NPL == 4:
-        qa2, c_i = _fold_key_plane(q2, kp[2], BITS, F16)
+        qa2, c_i = _fold_key_plane(q2, kp[2], 2, BITS, F16)
         c += c_i
-        qa3, c_i = _fold_key_plane(q3, kp[3], BITS, F16)
+        qa3, c_i = _fold_key_plane(q3, kp[3], 3, BITS, F16)
         c += c_i
     else:
         qa2, qa3 = q2, q3
@@ -188,14 +207,26 @@ def _fold_keys(q0, q1, q2, q3, kp, NPL: tl.constexpr, BITS: tl.constexpr, F16: t
 
 
 @triton.jit
+def _key_plane_codes(packed, I: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
+    """Plane I of a packed key tile as fp32 f, exact: F16 1024 + code * 2**(I * BITS) (the
+    plane's bits left in place under the exponent of 1024, as _unpack_key_planes), else as
+    _plane_codes."""
+    if F16:
+        c = packed.to(tl.int32) & (((1 << BITS) - 1) << (I * BITS))
+        return ((c << 13) | 0x44800000).to(tl.float32, bitcast=True)
+    else:
+        return _plane_codes(packed, I, BITS, F16)
+
+
+@triton.jit
 def _key_codes(kb, BITS: tl.constexpr, F16: tl.constexpr, dtype: tl.constexpr):
     """Every plane of a key tile kb [DP, BLOCK_N] as f in the dots' dtype (exact), a tuple."""
-    f0 = _plane_codes(kb, 0, BITS, F16).to(dtype)
-    f1 = _plane_codes(kb, 1, BITS, F16).to(dtype)
+    f0 = _key_plane_codes(kb, 0, BITS, F16).to(dtype)
+    f1 = _key_plane_codes(kb, 1, BITS, F16).to(dtype)
     if BITS == 4:
         return f0, f1
     else:
-        return f0, f1, _plane_codes(kb, 2, BITS, F16).to(dtype), _plane_codes(kb, 3, BITS, F16).to(dtype)
+        return f0, f1, _key_plane_codes(kb, 2, BITS, F16).to(dtype), _key_plane_codes(kb, 3, BITS, F16).to(dtype)
 
 
 @triton.jit
@@ -228,6 +259,20 @@ def _unpack_planes(packed, BITS: tl.constexpr, F16: tl.constexpr):
             return tl.inline_asm_elementwise(_UNPACK2_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
                                              dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
                                              is_pure=True, pack=4)
+
+
+@triton.jit
+def _unpack_key_planes(packed, BITS: tl.constexpr):
+    """Every plane of a packed uint8 key tile as fp16 1024 + code * 2**(plane * BITS), exact, a
+    tuple of 8 // BITS: about 0.6 instructions per code where _unpack_planes takes 1.1 (keys need
+    no small f: nothing multiplies them element by element, the fold scales q)."""
+    if BITS == 4:
+        return tl.inline_asm_elementwise(_UNPACK4_KEYS_ASM, "=r,=r,=r,=r,r", [packed],
+                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(_UNPACK2_KEYS_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
+                                         dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                         is_pure=True, pack=4)
 
 
 @triton.jit
@@ -349,7 +394,7 @@ def kivi_partial(
         # ---- scores [M, BLOCK_N] ----
         kb = tl.load(k_base + offs_n[None, :] * skn + offs_p[:, None], mask=ok_n[None, :], other=0)  # [DP, BLOCK_N]
         if KIVI_ASM:
-            fk = _unpack_planes(kb, BITS, F16)
+            fk = _unpack_key_planes(kb, BITS) if F16 else _unpack_planes(kb, BITS, F16)
         else:
             fk = _key_codes(kb, BITS, F16, q0.dtype)
         if G == BLOCK_N:

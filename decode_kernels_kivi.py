@@ -241,24 +241,24 @@ def _kivi_value_plane(vb3, params, I: tl.constexpr, BITS: tl.constexpr, F16: tl.
 
 # ---- KIVI_ASM: packed-register PTX ----
 @triton.jit
+def _unpack_with(ASM: tl.constexpr, packed, BITS: tl.constexpr, F16: tl.constexpr):
+    """Run an unpacking PTX (_unpack_asm, _unpack_keys_asm) on a packed uint8 tile: a tuple of
+    8 // BITS planes, fp16 (F16) or bf16."""
+    ty = tl.float16 if F16 else tl.bfloat16
+    if BITS == 4:
+        return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [packed], dtype=(ty, ty), is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed], dtype=(ty, ty, ty, ty),
+                                         is_pure=True, pack=4)
+
+
+@triton.jit
 def _unpack_planes(packed, BITS: tl.constexpr, F16: tl.constexpr):
     """Every plane of a packed uint8 tile as f (exact; fp16 or bf16), a tuple of 8 // BITS."""
     if F16:
-        if BITS == 4:
-            return tl.inline_asm_elementwise(_UNPACK4_F16_ASM, "=r,=r,=r,=r,r", [packed],
-                                             dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-        else:
-            return tl.inline_asm_elementwise(_UNPACK2_F16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
-                                             dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                                             is_pure=True, pack=4)
+        return _unpack_with(_UNPACK4_F16_ASM if BITS == 4 else _UNPACK2_F16_ASM, packed, BITS, True)
     else:
-        if BITS == 4:
-            return tl.inline_asm_elementwise(_UNPACK4_ASM, "=r,=r,=r,=r,r", [packed],
-                                             dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-        else:
-            return tl.inline_asm_elementwise(_UNPACK2_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
-                                             dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
-                                             is_pure=True, pack=4)
+        return _unpack_with(_UNPACK4_ASM if BITS == 4 else _UNPACK2_ASM, packed, BITS, False)
 
 
 @triton.jit
@@ -266,13 +266,7 @@ def _unpack_key_planes(packed, BITS: tl.constexpr):
     """Every plane of a packed uint8 key tile as fp16 1024 + code * 2**(plane * BITS), exact, a
     tuple of 8 // BITS: about 0.6 instructions per code where _unpack_planes takes 1.1 (keys need
     no small f: nothing multiplies them element by element, the fold scales q)."""
-    if BITS == 4:
-        return tl.inline_asm_elementwise(_UNPACK4_KEYS_ASM, "=r,=r,=r,=r,r", [packed],
-                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-    else:
-        return tl.inline_asm_elementwise(_UNPACK2_KEYS_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
-                                         dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                                         is_pure=True, pack=4)
+    return _unpack_with(_UNPACK4_KEYS_ASM if BITS == 4 else _UNPACK2_KEYS_ASM, packed, BITS, True)
 
 
 @triton.jit

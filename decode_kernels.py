@@ -212,7 +212,7 @@ def token_partial(
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
-    unit = tl.full([], 1.0 if FORMAT == 0 else 0.0, tl.float32)  # 8-bit formats: what one unit of acc is worth (below)
+    unit = tl.full([], 1.0, tl.float32)  # 8-bit formats: what one unit of acc is worth (below)
     if FORMAT != 0:
         # The scales are loaded one tile ahead: the pipeliner stages only the tiles the dots read,
         # so a scale loaded where it is used exposes a whole memory latency every tile.
@@ -238,13 +238,12 @@ def token_partial(
             else:
                 s = tl.dot(q, fp8_codes_to_f16(kt, CONVERT_ASM, FP8_CVT)) * (ks * FP8_UNIT)[None, :]
         s = tl.where(ok_n[None, :], s, float("-inf"))
+        p, alpha, m_i, l_i = online_softmax(s, m_i, l_i)
         # ---- values ----
         if FORMAT == 0:
-            p, alpha, m_i, l_i = online_softmax(s, m_i, l_i)
             vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=ok_n[:, None], other=0)  # [BLOCK_N, D]
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         else:
-            p, grew, alpha, m_i, l_i = online_softmax_lazy(s, m_i, l_i)
             # The tile lies in one block of codes (BLOCK_N divides VB), channel-major: a contiguous
             # [D, BLOCK_N] piece whose rows the P.V dot reads whole (kv_quant.VALUE_BLOCK says
             # why). Unmasked: a tile never passes the capacity (a multiple of VB), codes past the
@@ -254,20 +253,18 @@ def token_partial(
             vt = tl.load(v_base + (n0 // VB) * svn + in_block + offs_d[None, :] * VB + offs_n0[:, None])  # [BLOCK_N, D]
             v_top = tl.max(vs, axis=0)
             v_top = tl.where(v_top > 0, v_top, 1.0)
+            pv = (p * (vs / v_top)[None, :]).to(tl.float16)
+            # acc is kept in units of this tile's product scale (v_top, times FP8_UNIT for fp8):
+            # the online softmax's rescale, the change of unit and the int8 offset all go into
+            # the accumulator the dot adds to, one FMA per element of [M, D] where they were three.
             tile_unit = v_top * FP8_UNIT if FORMAT == 2 else v_top
-            # acc is kept in units of a product scale (unit: a tile's largest value scale, times
-            # FP8_UNIT for fp8), which changes only with the running max or when a tile's scales
-            # leave [unit / 16, unit * 16]; so pv stays below 2**12, and most tiles of a long split
-            # skip the rescale of acc (the first tile, unit 0, always takes it).
-            if grew | (tile_unit > unit * 16) | (tile_unit * 16 < unit):
-                acc = acc * (alpha * (unit / tile_unit))[:, None]
-                unit = tile_unit
-            pv = (p * ((vs * FP8_UNIT if FORMAT == 2 else vs) / unit)[None, :]).to(tl.float16)
+            acc = acc * (alpha * (unit / tile_unit))[:, None]
             if FORMAT == 1:
                 pv_offset = INT8_OFFSET_T * tl.sum(pv.to(tl.float32), axis=1)  # [M]
                 acc = tl.dot(pv, int8_codes_to_f16(vt, CONVERT_ASM), acc - pv_offset[:, None])
             else:
                 acc = tl.dot(pv, fp8_codes_to_f16(vt, CONVERT_ASM, FP8_CVT), acc)
+            unit = tile_unit
 
     # ---- this split's normalized output and log2-sum-exp ----
     pdl.let_dependents_launch(PDL)

@@ -415,12 +415,12 @@ def test_kivi_tiles_interpreted(triton_interpreter, monkeypatch, kivi, f16, pref
 
 
 def _check_rising_scores(monkeypatch, bits, groups, device):
-    """A body whose scores rise along the tokens, slowly (a few units per tile, below the kernels'
+    """A body whose scores rise along the tokens, slowly (a few units per tile, below KIVI's
     lazy-rescale threshold until they add up) and then in one jump of about 40, and, for the 8-bit
-    formats, whose values grow 1e5-fold and then shrink to 1e-5 of their start (the product scale
-    must move with them, or fp16 overflows), read by one split per head: the running max and the product scale move late
-    and seldom (decode_kernels.online_softmax_lazy), and the output must still match the float64
-    oracle on the same codes."""
+    formats, whose values grow 1e5-fold and then shrink to 1e-5 of their start (the 8-bit
+    kernel's product scale must follow them, or fp16 overflows), read by one split per head: KIVI's
+    running max moves late and seldom (decode_kernels.online_softmax_lazy), and the output must
+    still match the float64 oracle on the same codes."""
     import decode_kernels
     from decode_kernels import flash_decode
 

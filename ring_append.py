@@ -132,6 +132,9 @@ def _kernel():
         """RING: a sink + ring cache (slots, eviction, validity as above); else a full cache, the
         token at slot `pos` and its valid length pos + 1 (BODY_LEN) written."""
         pdl.wait_for_inputs(PDL)
+        # One short wave (a program per sequence and KV head): the attention kernel after it may
+        # launch now and wait on the SMs, its launch hidden behind this kernel's dependent loads.
+        pdl.let_dependents_launch(PDL)
         bh = tl.program_id(0)
         b = bh // Hkv
         h = bh % Hkv

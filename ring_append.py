@@ -30,6 +30,8 @@ import kv_quant
 from ring_layout import n_evicted, slot_of, slot_positions
 from rope import apply_rotary_emb
 
+KIVI_CHUNK = 16  # tokens of a completed KIVI group the kernel quantizes at a time
+
 
 def ring_append_reference(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evict_block,
                           k_codes=None, k_scale=None, k_zero=None, v_codes=None, v_scale=None, v_zero=None, bits=8,
@@ -89,18 +91,29 @@ def _kernel():
         return tl.where(x > 0, b - 1, (b | -(1 << (SCALE_BITS - 1))) + 1).to(x.dtype, bitcast=True)
 
     @triton.jit
-    def _asymmetric(x, lo, hi, DTYPE: tl.constexpr, BITS: tl.constexpr, SCALE_BITS: tl.constexpr):
-        """kv_quant._asymmetric: x, lo, hi fp32, broadcast alike -> (codes int32, scale, zero in DTYPE)."""
+    def _scale_zero(lo, hi, DTYPE: tl.constexpr, BITS: tl.constexpr, SCALE_BITS: tl.constexpr):
+        """kv_quant._asymmetric's scale and zero (in DTYPE) of the range [lo, hi] (fp32)."""
         qmax = (1 << BITS) - 1
         zero = lo.to(DTYPE)
         zero = tl.where(zero.to(tl.float32) > lo, _next_down(zero, SCALE_BITS), zero)
         scale = ((hi - zero.to(tl.float32)) * (1.0 / qmax)).to(DTYPE)
         scale = tl.where(zero.to(tl.float32) + scale.to(tl.float32) * qmax < hi, _next_up(scale, SCALE_BITS), scale)
         scale = tl.where(scale.to(tl.float32) == 0.0, 1.0, scale.to(tl.float32)).to(DTYPE)
+        return scale, zero
+
+    @triton.jit
+    def _codes(x, scale, zero, BITS: tl.constexpr):
+        """kv_quant._asymmetric's codes (int32) of x (fp32) for that scale and zero."""
         # Round half to even: (x - zero) / scale is in [0, ~qmax], far inside the range where adding
         # and taking away 1.5 * 2**23 leaves the fp32 adder to round it.
         c = (tl.math.div_rn(x - zero.to(tl.float32), scale.to(tl.float32)) + 12582912.0) - 12582912.0
-        return tl.minimum(tl.maximum(c, 0.0), qmax).to(tl.int32), scale, zero
+        return tl.minimum(tl.maximum(c, 0.0), (1 << BITS) - 1).to(tl.int32)
+
+    @triton.jit
+    def _asymmetric(x, lo, hi, DTYPE: tl.constexpr, BITS: tl.constexpr, SCALE_BITS: tl.constexpr):
+        """kv_quant._asymmetric: x, lo, hi fp32, broadcast alike -> (codes int32, scale, zero in DTYPE)."""
+        scale, zero = _scale_zero(lo, hi, DTYPE, BITS, SCALE_BITS)
+        return _codes(x, scale, zero, BITS), scale, zero
 
     @triton.jit
     def _pack(c, BITS: tl.constexpr):
@@ -111,7 +124,8 @@ def _kernel():
     # Triton resolves the helpers a kernel calls among the module's globals, not this closure.
     import pdl
 
-    globals().update(_next_up=_next_up, _next_down=_next_down, _asymmetric=_asymmetric, _pack=_pack, pdl=pdl)
+    globals().update(_next_up=_next_up, _next_down=_next_down, _scale_zero=_scale_zero, _codes=_codes,
+                     _asymmetric=_asymmetric, _pack=_pack, pdl=pdl, tl=tl)
 
     @triton.jit
     def _ring_append_kernel(
@@ -124,7 +138,8 @@ def _kernel():
         VS, VZ, vpb, vph, vpn,  # value scale [B, Hkv, L, 1] int8; value scale and zero [B, Hkv, L, D / G] KIVI
         VALID, BODY_LEN,
         Hkv, N, sink, window, ring,
-        D: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, VB: tl.constexpr, HAS_BODY: tl.constexpr, BITS: tl.constexpr,
+        D: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, VG: tl.constexpr, VB: tl.constexpr, HAS_BODY: tl.constexpr,
+        BITS: tl.constexpr,
         SCALE_BITS: tl.constexpr,
         N_PAD: tl.constexpr, FP8: tl.constexpr, ROPE: tl.constexpr, N_REP: tl.constexpr, N_REP_PAD: tl.constexpr,
         RING: tl.constexpr, PDL: tl.constexpr,
@@ -191,34 +206,48 @@ def _kernel():
         if HAS_BODY and BITS != 8:
             past = pos - sink - window + 1  # non-sink tokens that have left the window
             if (past >= G) & (past % G == 0):
-                # Group j's last token leaves now: kv_quant's KIVI quantization of its G tokens.
+                # Group j's last token leaves now: kv_quant's KIVI quantization of its G tokens,
+                # CHUNK tokens at a time so that the kernel stays small in registers (a CTA that
+                # held the whole [G, D] group took all of an SM's registers, so it could start
+                # only on an empty SM, on every step, the group's or not).
                 j = past // G - 1
-                t = tl.arange(0, G)
-                src = b * seb + h * seh + (sink + (j * G + t) % ring) * sen  # [G] exact rows of the group
-                dst = b * scb + h * sch + (j * G + t) * scn  # [G] its body rows
+                t = tl.arange(0, CHUNK)
                 W: tl.constexpr = D * BITS // 8  # packed bytes per token
                 byte = tl.arange(0, W)
-                # Keys, per channel over the group's tokens. Loaded as x[t, p, i] = channel p * W + i,
-                # the planes of kv_quant.pack_codes along axis 1.
+                # Keys, per channel over the group's tokens, loaded as x[t, p, i] = channel p * W + i
+                # (the planes of kv_quant.pack_codes along axis 1): the range over every chunk,
+                # then the codes chunk by chunk.
                 ch = tl.arange(0, 8 // BITS)[:, None] * W + byte[None, :]  # [planes, W]
-                x = tl.load(EK + src[:, None, None] + ch[None, :, :]).to(tl.float32)  # [G, planes, W]
-                # Values, per token over groups of VG channels: xv[t, g, i] = channel g * VG + i.
-                grp = tl.arange(0, D // VG)
-                xv = tl.load(EV + src[:, None, None] + (grp[:, None] * VG + tl.arange(0, VG)[None, :])[None, :, :])
-                lo, hi = tl.min(x, axis=0, keep_dims=True), tl.max(x, axis=0, keep_dims=True)  # [1, planes, W]
-                c, s, z = _asymmetric(x, lo, hi, KS.dtype.element_ty, BITS, SCALE_BITS)
-                tl.store(KC + dst[:, None] + byte[None, :], _pack(c, BITS))
+                lo = tl.full([1, 8 // BITS, W], float("inf"), tl.float32)
+                hi = tl.full([1, 8 // BITS, W], float("-inf"), tl.float32)
+                for c0 in range(0, G, CHUNK):
+                    src = b * seb + h * seh + (sink + (j * G + c0 + t) % ring) * sen  # [CHUNK] exact rows
+                    x = tl.load(EK + src[:, None, None] + ch[None, :, :]).to(tl.float32)  # [CHUNK, planes, W]
+                    lo = tl.minimum(lo, tl.min(x, axis=0, keep_dims=True))
+                    hi = tl.maximum(hi, tl.max(x, axis=0, keep_dims=True))
+                s, z = _scale_zero(lo, hi, KS.dtype.element_ty, BITS, SCALE_BITS)  # [1, planes, W]
+                for c0 in range(0, G, CHUNK):
+                    src = b * seb + h * seh + (sink + (j * G + c0 + t) % ring) * sen
+                    x = tl.load(EK + src[:, None, None] + ch[None, :, :]).to(tl.float32)
+                    c = _codes(x, s, z, BITS)
+                    tl.store(KC + (b * scb + h * sch + (j * G + c0 + t) * scn)[:, None] + byte[None, :], _pack(c, BITS))
                 par = b * kpb + h * kph + j * kpn + ch[None, :, :]
                 tl.store(KS + par, s)
                 tl.store(KZ + par, z)
-                x = xv.to(tl.float32)
-                lo, hi = tl.min(x, axis=2, keep_dims=True), tl.max(x, axis=2, keep_dims=True)  # [G, D / VG, 1]
-                c, s, z = _asymmetric(x, lo, hi, VS.dtype.element_ty, BITS, SCALE_BITS)
-                c = tl.reshape(c, (G, 8 // BITS, W))  # channel order [G, D], split into planes
-                tl.store(VC + (b * svcb + h * svch + (j * G + t) * svcn)[:, None] + byte[None, :], _pack(c, BITS))
-                par = b * vpb + h * vph + (j * G + t)[:, None, None] * vpn + grp[None, :, None]
-                tl.store(VS + par, s)
-                tl.store(VZ + par, z)
+                # Values, per token over groups of VG channels: xv[t, g, i] = channel g * VG + i.
+                grp = tl.arange(0, D // VG)
+                for c0 in range(0, G, CHUNK):
+                    src = b * seb + h * seh + (sink + (j * G + c0 + t) % ring) * sen
+                    x = tl.load(EV + src[:, None, None] + (grp[:, None] * VG + tl.arange(0, VG)[None, :])[None, :, :])
+                    x = x.to(tl.float32)
+                    lo_v, hi_v = tl.min(x, axis=2, keep_dims=True), tl.max(x, axis=2, keep_dims=True)  # [CHUNK, D / VG, 1]
+                    c, s_v, z_v = _asymmetric(x, lo_v, hi_v, VS.dtype.element_ty, BITS, SCALE_BITS)
+                    c = tl.reshape(c, (CHUNK, 8 // BITS, W))  # channel order [CHUNK, D], split into planes
+                    rows = j * G + c0 + t
+                    tl.store(VC + (b * svcb + h * svch + rows * svcn)[:, None] + byte[None, :], _pack(c, BITS))
+                    par_v = b * vpb + h * vph + rows[:, None, None] * vpn + grp[None, :, None]
+                    tl.store(VS + par_v, s_v)
+                    tl.store(VZ + par_v, z_v)
         if HAS_BODY:
             tl.debug_barrier()  # every thread has read the leaving rows before one is overwritten
         if RING:
@@ -278,10 +307,11 @@ def _ring_append_triton(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evi
         v_scale, v_zero, *v_scale.stride()[:3],
         valid.view(torch.uint8), body_len,
         Hkv, N, sink, window, window + evict_block - 1,
-        D=D, G=evict_block, VG=max(value_group, 1), VB=kv_quant.VALUE_BLOCK, HAS_BODY=has_body, BITS=bits, SCALE_BITS=k_scale.element_size() * 8,
+        D=D, G=evict_block, CHUNK=min(evict_block, KIVI_CHUNK), VG=max(value_group, 1), VB=kv_quant.VALUE_BLOCK,
+        HAS_BODY=has_body, BITS=bits, SCALE_BITS=k_scale.element_size() * 8,
         N_PAD=triton.next_power_of_2(N) if ring else 1, FP8=fp8, ROPE=rope, N_REP=n_rep,
         N_REP_PAD=triton.next_power_of_2(n_rep), RING=ring,
-        num_warps=(8 if evict_block >= 64 else 4) if has_body and bits != 8 else 1,  # a KIVI group is a [G, D] tile
+        num_warps=4 if has_body and bits != 8 else 1,  # KIVI: a [KIVI_CHUNK, D] tile at a time
         # No multiply-add contraction: zero + scale * qmax, and RoPE's products and sums, must
         # round one by one, as in PyTorch.
         enable_fp_fusion=False,

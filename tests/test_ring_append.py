@@ -182,6 +182,18 @@ def test_kernel_interpreted(triton_interpreter, bits, evict_block, dtype, n_rep)
                                    positions, n_rep)
 
 
+@pytest.mark.skipif(torch.cuda.is_available() or triton_missing(), reason="interpreter check: CPU only, needs triton")
+@pytest.mark.parametrize("bits,evict_block", [(4, 16), (2, 8)], ids=["int4", "int2"])
+def test_kernel_interpreted_in_chunks(triton_interpreter, monkeypatch, bits, evict_block):
+    """A KIVI group quantized a few tokens at a time (ring_append.KIVI_CHUNK below the group: the
+    range over every chunk first, then the codes), bit for bit as in one piece."""
+    monkeypatch.setattr(ring_append, "KIVI_CHUNK", 4)
+    n = 4 + 8 + evict_block
+    positions = list(range(0, 4 + 8 + 2 * evict_block + 2)) + [200 + 3 * i for i in range(n)]
+    check_kernel_against_reference(ring_append._ring_append_triton, bits, torch.bfloat16, 2, 2, 32, 4, 8, evict_block,
+                                   "cpu", positions, 3)
+
+
 def check_full_write_against_reference(write, dtype, B, Hkv, n_rep, D, L, device):
     """rotate_and_write's kernel launch `write` against its reference from the same fresh random
     caches, at the first and last slots and between, bit for bit (the same roundings)."""

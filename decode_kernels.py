@@ -7,9 +7,9 @@ Decode is memory-bound: each step must read every valid byte of the cache once. 
 keys and values once for the n_rep query heads that share it (GQA: the group padded to the 16
 rows a tensor-core dot needs) and keeps an online softmax; a second kernel combines the splits
 by their log-sum-exps. A quantized body and the exact slots behind it are one grid
-(body_and_exact_partial_kernel; KIVI's in decode_kernels_kivi). The current length is read on the device and each split's
-chunk derived from it inside the kernel, so the grid is static and a CUDA-graph replay sees the
-cache grow.
+(body_and_exact_partial_kernel; KIVI's in decode_kernels_kivi). The current length is read on
+the device and each split's chunk derived from it inside the kernel, so the grid is static and a
+CUDA-graph replay sees the cache grow.
 
 The 8-bit formats do no per-element multiply. Both dots run in fp16 on the codes themselves: the
 key scale (one per token) multiplies the scores, the value scale the probabilities before P.V.

@@ -64,7 +64,8 @@ def _unpack_keys_asm(bits):
     PRMTs put bytes (0, 1) and (2, 3) under the halves' low bytes, then one LOP3 per output pair
     keeps a plane's bits in place and ORs the exponent of 1024, no shift (the key fold divides
     that plane's scale by 2**(plane * bits)). Outputs as _unpack_asm's."""
-    lines = ["{", ".reg .b32 t, u;", f"prmt.b32 t, ${8 // bits * 2}, 0, 0x4140;", f"prmt.b32 u, ${8 // bits * 2}, 0, 0x4342;"]
+    packed = f"${8 // bits * 2}"
+    lines = ["{", ".reg .b32 t, u;", f"prmt.b32 t, {packed}, 0, 0x4140;", f"prmt.b32 u, {packed}, 0, 0x4342;"]
     for plane in range(8 // bits):
         mask = ((1 << bits) - 1) << (plane * bits)
         for half, src in enumerate("tu"):
@@ -423,15 +424,11 @@ def kivi_partial(
                 acc2 = tl.dot(pq, _kivi_value_plane_asm(fv[2], vp[2], F16, BLOCK_N, DP), acc2)
                 acc3 = tl.dot(pq, _kivi_value_plane_asm(fv[3], vp[3], F16, BLOCK_N, DP), acc3)
         else:
-            acc0 = tl.dot(pq, _kivi_value_plane(vb3, vp[0], 0, BITS, F16, BLOCK_N, DP).to(q0.dtype),
-                          acc0)
-            acc1 = tl.dot(pq, _kivi_value_plane(vb3, vp[1], 1, BITS, F16, BLOCK_N, DP).to(q0.dtype),
-                          acc1)
+            acc0 = tl.dot(pq, _kivi_value_plane(vb3, vp[0], 0, BITS, F16, BLOCK_N, DP).to(q0.dtype), acc0)
+            acc1 = tl.dot(pq, _kivi_value_plane(vb3, vp[1], 1, BITS, F16, BLOCK_N, DP).to(q0.dtype), acc1)
             if NPL == 4:
-                acc2 = tl.dot(pq, _kivi_value_plane(vb3, vp[2], 2, BITS, F16, BLOCK_N, DP).to(q0.dtype),
-                              acc2)
-                acc3 = tl.dot(pq, _kivi_value_plane(vb3, vp[3], 3, BITS, F16, BLOCK_N, DP).to(q0.dtype),
-                              acc3)
+                acc2 = tl.dot(pq, _kivi_value_plane(vb3, vp[2], 2, BITS, F16, BLOCK_N, DP).to(q0.dtype), acc2)
+                acc3 = tl.dot(pq, _kivi_value_plane(vb3, vp[3], 3, BITS, F16, BLOCK_N, DP).to(q0.dtype), acc3)
 
     # ---- this split's normalized output and log2-sum-exp ----
     pdl.let_dependents_launch(PDL)

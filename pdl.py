@@ -12,10 +12,10 @@ there, which unbalanced it: 4-layer steps on an H200 ran 2-7% slower at batch 8.
 signal after their main loop, and the next kernel's launch overlaps only their last programs'
 epilogues (no case measured more than 0.2% slower, docs/results.md). Kernels whose programs are
 one short wave (the RMSNorm, the attention combine, the cache write) signal at their start: their
-programs are all on the SMs already, and the kernel after them is waiting there when they end. Every program of every kernel
-launched this way calls `wait_for_inputs` before its first load of another kernel's output and
-its first store, so a kernel finishes only after the one before it has, and the order of
-results is what it was.
+programs are all on the SMs already, and the kernel after them is waiting there when they end.
+Every program of every kernel launched this way calls `wait_for_inputs` before its first load of
+another kernel's output and its first store, so a kernel finishes only after the one before it
+has, and the order of results is what it was.
 
 Only the engine's own kernels launch this way; inductor's (its `enable_pdl` option) did not gain
 on top. On an A100 (sm_80) nothing changes: the kernels compile without the instructions.

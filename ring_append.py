@@ -211,7 +211,8 @@ def _kernel():
                 # held the whole [G, D] group took all of an SM's registers, so it could start
                 # only on an empty SM, on every step, the group's or not).
                 j = past // G - 1
-                t = tl.arange(0, CHUNK)
+                rows0 = j * G + tl.arange(0, CHUNK)  # body rows of the group's first chunk
+                exact_rows = b * seb + h * seh
                 W: tl.constexpr = D * BITS // 8  # packed bytes per token
                 byte = tl.arange(0, W)
                 # Keys, per channel over the group's tokens, loaded as x[t, p, i] = channel p * W + i
@@ -221,29 +222,29 @@ def _kernel():
                 lo = tl.full([1, 8 // BITS, W], float("inf"), tl.float32)
                 hi = tl.full([1, 8 // BITS, W], float("-inf"), tl.float32)
                 for c0 in range(0, G, CHUNK):
-                    src = b * seb + h * seh + (sink + (j * G + c0 + t) % ring) * sen  # [CHUNK] exact rows
+                    src = exact_rows + (sink + (c0 + rows0) % ring) * sen  # [CHUNK] exact rows
                     x = tl.load(EK + src[:, None, None] + ch[None, :, :]).to(tl.float32)  # [CHUNK, planes, W]
                     lo = tl.minimum(lo, tl.min(x, axis=0, keep_dims=True))
                     hi = tl.maximum(hi, tl.max(x, axis=0, keep_dims=True))
                 s, z = _scale_zero(lo, hi, KS.dtype.element_ty, BITS, SCALE_BITS)  # [1, planes, W]
                 for c0 in range(0, G, CHUNK):
-                    src = b * seb + h * seh + (sink + (j * G + c0 + t) % ring) * sen
+                    src = exact_rows + (sink + (c0 + rows0) % ring) * sen
                     x = tl.load(EK + src[:, None, None] + ch[None, :, :]).to(tl.float32)
                     c = _codes(x, s, z, BITS)
-                    tl.store(KC + (b * scb + h * sch + (j * G + c0 + t) * scn)[:, None] + byte[None, :], _pack(c, BITS))
+                    tl.store(KC + (b * scb + h * sch + (c0 + rows0) * scn)[:, None] + byte[None, :], _pack(c, BITS))
                 par = b * kpb + h * kph + j * kpn + ch[None, :, :]
                 tl.store(KS + par, s)
                 tl.store(KZ + par, z)
                 # Values, per token over groups of VG channels: xv[t, g, i] = channel g * VG + i.
                 grp = tl.arange(0, D // VG)
                 for c0 in range(0, G, CHUNK):
-                    src = b * seb + h * seh + (sink + (j * G + c0 + t) % ring) * sen
+                    src = exact_rows + (sink + (c0 + rows0) % ring) * sen
                     x = tl.load(EV + src[:, None, None] + (grp[:, None] * VG + tl.arange(0, VG)[None, :])[None, :, :])
                     x = x.to(tl.float32)
                     lo_v, hi_v = tl.min(x, axis=2, keep_dims=True), tl.max(x, axis=2, keep_dims=True)  # [CHUNK, D / VG, 1]
                     c, s_v, z_v = _asymmetric(x, lo_v, hi_v, VS.dtype.element_ty, BITS, SCALE_BITS)
                     c = tl.reshape(c, (CHUNK, 8 // BITS, W))  # channel order [CHUNK, D], split into planes
-                    rows = j * G + c0 + t
+                    rows = c0 + rows0
                     tl.store(VC + (b * svcb + h * svch + rows * svcn)[:, None] + byte[None, :], _pack(c, BITS))
                     par_v = b * vpb + h * vph + rows[:, None, None] * vpn + grp[None, :, None]
                     tl.store(VS + par_v, s_v)

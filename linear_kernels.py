@@ -90,6 +90,7 @@ DEFAULT_CONFIGS = {
     ("int8 gated", DECODE_ROWS): (16, 32, 256, 4, 3, 1),
 }
 PREFILL_CONFIG = (64, 64, 64, 4, 3, 1)  # larger inputs (prefill of int8 weights)
+SPLIT_SUM_BLOCK = 512  # outputs per program of the split sum: 4 fp32 a thread and split, one 16-byte load
 INT8_ASM = True  # batch-1 CUDA-core path: int8 codes converted with the PTX below (else plain casts)
 
 # Four int8 codes (one register) -> four fp32 2**23 + 128 + code: the sign bit flipped (code + 128
@@ -194,6 +195,20 @@ def linear_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=row_ok & (cols[None, :] < N))
 
 
+@triton.jit
+def split_sum_kernel(Y, OUT, n_elements, stride_s, S: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """OUT (flat) = the K splits' fp32 partial sums Y [S, ...] added in split order, rounded once to
+    OUT's dtype. One short wave: it lets the next kernel launch at its start (pdl.py)."""
+    pdl.let_dependents_launch(PDL)
+    pdl.wait_for_inputs(PDL)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n_elements
+    acc = tl.load(Y + offs, mask=ok, other=0.0)
+    for i in tl.static_range(1, S):
+        acc += tl.load(Y + i * stride_s + offs, mask=ok, other=0.0)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
 def weight_kind(weight: torch.Tensor) -> str:
     return "int8" if weight.dtype == torch.int8 else "bf16"
 
@@ -232,4 +247,12 @@ def triton_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
         CONVERT_ASM=INT8_ASM and weight.dtype == torch.int8 and x.is_cuda, num_warps=warps, num_stages=stages,
         **pdl.options(x),
     )
-    return y[0] if split == 1 else y.sum(0).to(x.dtype)
+    if split == 1:
+        return y[0]
+    # The partial sums added by a kernel of our own rather than y.sum(0).to(dtype): those were
+    # two eager launches per split product (a reduction and a cast) that could not launch early,
+    # 128 launches per batch-8 step of the 8B model.
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    split_sum_kernel[(triton.cdiv(m * n, SPLIT_SUM_BLOCK),)](
+        y, out, m * n, y.stride(0), S=split, BLOCK=SPLIT_SUM_BLOCK, num_warps=4, **pdl.options(x))
+    return out

@@ -24,7 +24,7 @@ import pdl
 CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int, int, int, int]] = {
     # Llama-3-8B / 3.1-8B, one GPU
     ("bf16", 6144, 4096, 1): (1, 8, 512, 4, 3, 1),  # wqkv
-    ("bf16", 6144, 4096, 16): (16, 64, 128, 4, 3, 4),
+    ("bf16", 6144, 4096, 16): (16, 64, 128, 4, 3, 4),  # re-timed after the split sums moved into a kernel (docs/linear.md)
     ("bf16", 4096, 4096, 1): (1, 8, 512, 4, 1, 1),  # wo
     ("bf16", 4096, 4096, 16): (16, 32, 128, 4, 3, 4),
     ("bf16", 14336, 4096, 1): (1, 16, 256, 4, 3, 1),  # w1, w3
@@ -90,7 +90,7 @@ DEFAULT_CONFIGS = {
     ("int8 gated", DECODE_ROWS): (16, 32, 256, 4, 3, 1),
 }
 PREFILL_CONFIG = (64, 64, 64, 4, 3, 1)  # larger inputs (prefill of int8 weights)
-SPLIT_SUM_BLOCK = 512  # outputs per program of the split sum: 4 fp32 a thread and split, one 16-byte load
+SPLIT_SUM_BLOCK = 512  # outputs per program of the split sum (4 warps: 4 fp32 a thread and split)
 INT8_ASM = True  # batch-1 CUDA-core path: int8 codes converted with the PTX below (else plain casts)
 
 # Four int8 codes (one register) -> four fp32 2**23 + 128 + code: the sign bit flipped (code + 128

@@ -11,8 +11,9 @@ programs, the next kernel's programs landed on the SMs that happened to free up 
 there, which unbalanced it: 4-layer steps on an H200 ran 2-7% slower at batch 8. So those kernels
 signal after their main loop, and the next kernel's launch overlaps only their last programs'
 epilogues (no case measured more than 0.2% slower, docs/results.md). Kernels whose programs are
-one short wave (the RMSNorm, the attention combine, the cache write) signal at their start: their
-programs are all on the SMs already, and the kernel after them is waiting there when they end.
+one short wave (the RMSNorm, the attention combine, the cache write, the split products' sums)
+signal at their start: their programs are all on the SMs already, and the kernel after them is
+waiting there when they end.
 Every program of every kernel launched this way calls `wait_for_inputs` before its first load of
 another kernel's output and its first store, so a kernel finishes only after the one before it
 has, and the order of results is what it was.

@@ -16,8 +16,9 @@ key scale (one per token) multiplies the scores, the value scale the probabiliti
 What is left per element is the conversion of a code to fp16, done in registers from the packed
 bytes (CONVERT_ASM, sm_80+):
   int8  x -> fp16 1152 + x: an XOR flips the sign bit (x + 128 as a byte), and one PRMT per two
-        codes places the byte under the exponent of 1024; the 1152 * sum(q) (keys) and
-        1152 * sum(p) (values) this adds to each row are subtracted once per row and tile;
+        codes places the byte under the exponent of 1024; the key dot starts from
+        -1152 * sum(q) (score_start) and the 1152 * sum(p) this adds to each output row is
+        subtracted once per row and tile;
   fp8   e4m3 -> fp16 with one cvt.rn.f16x2.e4m3x2 per two codes on sm_89+ (FP8_CVT); on sm_80
         the bits are moved into an fp16 of 1/256 the value (sign, then exponent and mantissa
         shifted by 7), and the 256 goes into the scale.
@@ -87,6 +88,9 @@ xor.b32 t, $2, 0x80808080;
 prmt.b32 $0, t, 0x64646464, 0x4140;
 prmt.b32 $1, t, 0x64646464, 0x4342;
 }""")
+# Four codes (ignored) -> four fp16 -INT8_OFFSET (0xE480): the int8 score offset's operand in
+# score_start.
+_MINUS_INT8_OFFSET_ASM = tl.constexpr("mov.b32 $0, 0xE480E480; mov.b32 $1, 0xE480E480;")
 # Four e4m3 codes -> four fp16 of the same value (sm_89+).
 _FP8_TO_F16_ASM = tl.constexpr("""{
 .reg .b16 lo, hi;
@@ -115,6 +119,29 @@ def fp8_codes_to_f16(x, CONVERT_ASM: tl.constexpr, FP8_CVT: tl.constexpr):
         # e4m3's (7); subnormals line up too (fp16's are 2**-24 * m * 2**7 = e4m3's / 256).
         b = x.to(tl.int16)
         return (((b & 0x7F) << 7) | ((b & 0x80) << 8)).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def score_start(q, codes, FORMAT: tl.constexpr, CONVERT_ASM: tl.constexpr):
+    """[M, BLOCK_N] what the key dot adds its products to: -INT8_OFFSET * sum(q) per row for int8
+    (the offset its conversion adds to every key code), 0 for fp8. codes: any [D, BLOCK_N] tile
+    of key codes, loaded (its values are not used).
+
+    Computed with a dot of q so that q's conversion to the dot's operand layout has a second
+    user outside the loop: Triton 3.6 sinks a conversion with one user into the loop
+    (ReorderInstructions), which then reloads q from shared memory and regroups its registers
+    every tile (16 loads and about 115 moves of the 8-bit loop's 945 instructions, sm_90). The
+    operand must come from a loaded 8-bit tile: Triton picks the operands' register layout
+    (kWidth) from the bit width of the loads they come from, and only equal layouts are shared."""
+    if FORMAT == 1 and CONVERT_ASM:
+        minus_offset = tl.inline_asm_elementwise(_MINUS_INT8_OFFSET_ASM, "=r,=r,r", [codes], dtype=tl.float16,
+                                                 is_pure=True, pack=4)
+    elif FORMAT == 2 and CONVERT_ASM:
+        minus_offset = tl.inline_asm_elementwise("mov.b32 $0, 0; mov.b32 $1, 0;", "=r,=r,r", [codes],
+                                                 dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        minus_offset = tl.full(codes.shape, -INT8_OFFSET_T if FORMAT == 1 else 0.0, tl.float16)
+    return tl.dot(q, minus_offset)
 
 
 @triton.jit
@@ -202,9 +229,11 @@ def token_partial(
         # fp16 operands for the codes; q prescaled (softmax scale, log2 e) so it stays far from
         # fp16's range limit.
         q = (q.to(tl.float32) * qk_scale).to(tl.float16)
-    if FORMAT == 1:
-        q_offset = INT8_OFFSET_T * tl.sum(q.to(tl.float32), axis=1)  # [M]: what the key offset adds
     k_base = K + b * skb + h * skh
+    if FORMAT != 0:
+        # The head's first tile of codes (masked: an empty body has none).
+        first = tl.load(k_base + offs_n0[None, :] * skn + offs_d[:, None], mask=offs_n0[None, :] < cap, other=0)
+        s_start = score_start(q, first, FORMAT, CONVERT_ASM)  # [M, BLOCK_N]
     v_base = V + b * svb + h * svh
     ks_base = KS + b * ssb + h * ssh
     vs_base = VS + b * ssb + h * ssh
@@ -234,9 +263,9 @@ def token_partial(
             ks_next = tl.load(ks_base + (offs_n + BLOCK_N) * ssn, mask=ok_next, other=0.0)
             vs_next = tl.load(vs_base + (offs_n + BLOCK_N) * ssn, mask=ok_next, other=0.0)
             if FORMAT == 1:
-                s = (tl.dot(q, int8_codes_to_f16(kt, CONVERT_ASM)) - q_offset[:, None]) * ks[None, :]
+                s = tl.dot(q, int8_codes_to_f16(kt, CONVERT_ASM), s_start) * ks[None, :]
             else:
-                s = tl.dot(q, fp8_codes_to_f16(kt, CONVERT_ASM, FP8_CVT)) * (ks * FP8_UNIT)[None, :]
+                s = tl.dot(q, fp8_codes_to_f16(kt, CONVERT_ASM, FP8_CVT), s_start) * (ks * FP8_UNIT)[None, :]
         s = tl.where(ok_n[None, :], s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax(s, m_i, l_i)
         # ---- values ----

@@ -158,6 +158,26 @@ def split_bounds(split, LEN, cap, n_splits, HAS_LEN: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
+def tile_order(split, start, end, BLOCK_N: tl.constexpr):
+    """(the number of tiles in [start, end), the one this program visits first). A program visits
+    its tiles from that one to the end and then wraps around to start. Each program starts at
+    another tile (a hash of its split and its (batch, head)), because programs that run at the
+    same time and read their chunks in the same order all stand at the same offset inside their
+    own chunk (32 KB or 128 KB apart at the long contexts). The DRAM served those lockstep reads
+    slower: one layer on an H200, int8 at batch 1 / 128K took 0.0755 ms in order and 0.0705
+    rotated (docs/kernels.md)."""
+    n_tiles = tl.cdiv(end - start, BLOCK_N)
+    return n_tiles, (split * 7 + tl.program_id(0) * 13) % tl.maximum(n_tiles, 1)
+
+
+@triton.jit
+def tile_start(t, first, n_tiles, start, BLOCK_N: tl.constexpr):
+    """The first token of the t-th tile a program visits (tile_order), t in [0, n_tiles]."""
+    i = t + first
+    return start + tl.where(i >= n_tiles, i - n_tiles, i) * BLOCK_N
+
+
+@triton.jit
 def online_softmax(s, m_i, l_i):
     """One tile of scores s [M, BLOCK_N] (base 2, -inf where invalid) into the running max and
     sum: (p, alpha to rescale what came before, new max, new sum). A row with nothing valid yet
@@ -232,8 +252,8 @@ def token_partial(
     k_base = K + b * skb + h * skh
     if FORMAT != 0:
         # The head's first tile of codes (masked: an empty body has none).
-        first = tl.load(k_base + offs_n0[None, :] * skn + offs_d[:, None], mask=offs_n0[None, :] < cap, other=0)
-        s_start = score_start(q, first, FORMAT, CONVERT_ASM)  # [M, BLOCK_N]
+        codes0 = tl.load(k_base + offs_n0[None, :] * skn + offs_d[:, None], mask=offs_n0[None, :] < cap, other=0)
+        s_start = score_start(q, codes0, FORMAT, CONVERT_ASM)  # [M, BLOCK_N]
     v_base = V + b * svb + h * svh
     ks_base = KS + b * ssb + h * ssh
     vs_base = VS + b * ssb + h * ssh
@@ -242,13 +262,16 @@ def token_partial(
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
     unit = tl.full([], 1.0, tl.float32)  # 8-bit formats: what one unit of acc is worth (below)
+    n_tiles, first = tile_order(split, start, end, BLOCK_N)
     if FORMAT != 0:
         # The scales are loaded one tile ahead: the pipeliner stages only the tiles the dots read,
         # so a scale loaded where it is used exposes a whole memory latency every tile.
-        ok_next = (start + offs_n0) < end
-        ks_next = tl.load(ks_base + (start + offs_n0) * ssn, mask=ok_next, other=0.0)
-        vs_next = tl.load(vs_base + (start + offs_n0) * ssn, mask=ok_next, other=0.0)
-    for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+        n_next = tile_start(0, first, n_tiles, start, BLOCK_N)
+        ok_next = (n_next + offs_n0) < end
+        ks_next = tl.load(ks_base + (n_next + offs_n0) * ssn, mask=ok_next, other=0.0)
+        vs_next = tl.load(vs_base + (n_next + offs_n0) * ssn, mask=ok_next, other=0.0)
+    for t in tl.range(0, n_tiles, num_stages=STAGES):
+        n0 = tl.multiple_of(tile_start(t, first, n_tiles, start, BLOCK_N), BLOCK_N)
         offs_n = n0 + offs_n0
         ok_n = offs_n < end
         if HAS_MASK:
@@ -259,9 +282,10 @@ def token_partial(
             s = tl.dot(q, kt) * qk_scale
         else:
             ks, vs = ks_next.to(tl.float32), vs_next.to(tl.float32)
-            ok_next = (offs_n + BLOCK_N) < end
-            ks_next = tl.load(ks_base + (offs_n + BLOCK_N) * ssn, mask=ok_next, other=0.0)
-            vs_next = tl.load(vs_base + (offs_n + BLOCK_N) * ssn, mask=ok_next, other=0.0)
+            n_next = tile_start(t + 1, first, n_tiles, start, BLOCK_N)
+            ok_next = (n_next + offs_n0) < tl.where(t + 1 < n_tiles, end, 0)  # none after the last
+            ks_next = tl.load(ks_base + (n_next + offs_n0) * ssn, mask=ok_next, other=0.0)
+            vs_next = tl.load(vs_base + (n_next + offs_n0) * ssn, mask=ok_next, other=0.0)
             if FORMAT == 1:
                 s = tl.dot(q, int8_codes_to_f16(kt, CONVERT_ASM), s_start) * ks[None, :]
             else:

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 import pdl
-from decode_kernels import exact_partial, finish_split, online_softmax_lazy, split_bounds
+from decode_kernels import exact_partial, finish_split, online_softmax_lazy, split_bounds, tile_order, tile_start
 
 
 def _unpack_asm(bits, f16):
@@ -110,7 +110,7 @@ def _key_params_plane(KS, KZ, row, I: tl.constexpr, DP: tl.constexpr):
 @triton.jit
 def _key_params(KS, KZ, n, cap, sksn, G: tl.constexpr, DP: tl.constexpr, NPL: tl.constexpr):
     """The key scales and zeros of the group holding token n: a tuple of NPL (scale, zero) pairs,
-    one per plane. A token past the capacity (the tile after a split's last) reads the last group
+    one per plane. A token past the capacity (an empty split's start) reads the last group
     instead, unused: no mask."""
     row = (tl.minimum(n, cap - 1) // G) * sksn
     p0 = _key_params_plane(KS, KZ, row, 0, DP)
@@ -363,26 +363,30 @@ def kivi_partial(
     vs_base = VS + b * svsb + h * svsh
     vz_base = VZ + b * svsb + h * svsh
 
+    n_tiles, first = tile_order(split, start, end, BLOCK_N)  # tiles visited from `first` on, wrapping
+    n_first = tile_start(0, first, n_tiles, start, BLOCK_N)
     if PREFETCH:
         # The scales and zeros are loaded one tile ahead: the pipeliner stages only the code
         # tiles the dots read, so a parameter loaded where it is used exposes a whole memory
         # latency every tile.
-        kp_next = _key_params(ks_base, kz_base, start, cap, sksn, G, DP, NPL)
-        vp_next = _value_params(vs_base, vz_base, start + offs_n0, (start + offs_n0) < end, svsn,
+        kp_next = _key_params(ks_base, kz_base, n_first, cap, sksn, G, DP, NPL)
+        vp_next = _value_params(vs_base, vz_base, n_first + offs_n0, (n_first + offs_n0) < end, svsn,
                                 DP, VG, NGP, NPL, BITS, F16)
     if G != BLOCK_N:
         # The key group's scales and zeros folded into q once per group (below: where a tile
         # starts one), not once per tile.
-        qa0, qa1, qa2, qa3, c = _fold_keys(q0, q1, q2, q3, _key_params(ks_base, kz_base, start, cap, sksn, G, DP, NPL),
-                                           NPL, BITS, F16)
-    for n0 in range(start, end, BLOCK_N):
+        qa0, qa1, qa2, qa3, c = _fold_keys(q0, q1, q2, q3, _key_params(ks_base, kz_base, n_first, cap, sksn, G, DP,
+                                                                       NPL), NPL, BITS, F16)
+    for t in range(0, n_tiles):
+        n0 = tile_start(t, first, n_tiles, start, BLOCK_N)
         offs_n = n0 + offs_n0
         ok_n = offs_n < end
         if PREFETCH:
             kp, vp = kp_next, vp_next
-            kp_next = _key_params(ks_base, kz_base, n0 + BLOCK_N, cap, sksn, G, DP, NPL)
-            vp_next = _value_params(vs_base, vz_base, offs_n + BLOCK_N, (offs_n + BLOCK_N) < end, svsn,
-                                    DP, VG, NGP, NPL, BITS, F16)
+            n_next = tile_start(t + 1, first, n_tiles, start, BLOCK_N)
+            kp_next = _key_params(ks_base, kz_base, n_next, cap, sksn, G, DP, NPL)
+            ok_next = (n_next + offs_n0) < tl.where(t + 1 < n_tiles, end, 0)  # none after the last
+            vp_next = _value_params(vs_base, vz_base, n_next + offs_n0, ok_next, svsn, DP, VG, NGP, NPL, BITS, F16)
         else:
             kp = _key_params(ks_base, kz_base, n0, cap, sksn, G, DP, NPL)
             vp = _value_params(vs_base, vz_base, offs_n, ok_n, svsn, DP, VG, NGP, NPL, BITS, F16)
@@ -394,7 +398,8 @@ def kivi_partial(
             fk = _key_codes(kb, BITS, F16, q0.dtype)
         if G == BLOCK_N:
             qa0, qa1, qa2, qa3, c = _fold_keys(q0, q1, q2, q3, kp, NPL, BITS, F16)
-        elif (n0 % G == 0) & (n0 != start):
+        elif ((n0 % G == 0) | (n0 == start)) & (t != 0):
+            # a group's first tile, or the wrap back to start (which may be inside a group)
             qa0, qa1, qa2, qa3, c = _fold_keys(q0, q1, q2, q3, kp, NPL, BITS, F16)
         s = tl.dot(qa0, fk[0])
         s = tl.dot(qa1, fk[1], s)

@@ -298,6 +298,25 @@ def test_many_splits_for_a_short_length_interpreted(triton_interpreter, monkeypa
     assert rel_err(out, ref) < 1e-2
 
 
+@interp
+@pytest.mark.parametrize("bits,groups", [(8, 1), ("fp8", 1), (4, (128, 32)), (4, (64, 32)), (2, 32)])
+def test_tiles_in_a_rotated_order_interpreted(triton_interpreter, monkeypatch, bits, groups):
+    """Each program visits its tiles from a hashed start and wraps around (tile_order): 160-token
+    splits of a 1000-token body, five tiles each, most of them starting inside a 128- or 64-token
+    KIVI key group, so the wrap back to a split's start has to fold that group's scales into q
+    again."""
+    import decode_kernels
+    from decode_kernels import flash_decode
+
+    monkeypatch.setattr(decode_kernels, "MIN_SPLIT", 160)  # 7 splits of the 1024-token capacity
+    monkeypatch.setattr(decode_kernels, "FILL_WARPS_PER_SM", 0)
+    q, k, v, el, mask, body, bl = _case(5, 1, 2, 4, 64, 40, 33, False, bits, groups, 1024, 1000, torch.float32)
+    ref = decode_attention_reference(q, k, v, el, mask, body, bl)
+    out = torch.full_like(q, float("nan"))
+    flash_decode(q, k, v, el, None, body, bl, q.shape[-1] ** -0.5, out=out)
+    assert rel_err(out, ref) < 1e-2
+
+
 class GridSpy:
     """Stands in for a Triton kernel and records the grid of each launch."""
 

@@ -9,7 +9,8 @@ rows a tensor-core dot needs) and keeps an online softmax; a second kernel combi
 by their log-sum-exps. A quantized body and the exact slots behind it are one grid
 (body_and_exact_partial_kernel; KIVI's in decode_kernels_kivi). The current length is read on
 the device and each split's chunk derived from it inside the kernel, so the grid is static and a
-CUDA-graph replay sees the cache grow.
+CUDA-graph replay sees the cache grow. Each program visits its chunk's tiles from a hashed start
+and wraps around (tile_order), so that programs running together do not read in lockstep.
 
 The 8-bit formats do no per-element multiply. Both dots run in fp16 on the codes themselves: the
 key scale (one per token) multiplies the scores, the value scale the probabilities before P.V.
@@ -163,9 +164,9 @@ def tile_order(split, start, end, BLOCK_N: tl.constexpr):
     its tiles from that one to the end and then wraps around to start. Each program starts at
     another tile (a hash of its split and its (batch, head)), because programs that run at the
     same time and read their chunks in the same order all stand at the same offset inside their
-    own chunk (32 KB or 128 KB apart at the long contexts). The DRAM served those lockstep reads
-    slower: one layer on an H200, int8 at batch 1 / 128K took 0.0755 ms in order and 0.0705
-    rotated (docs/kernels.md)."""
+    own chunk (int8 at batch 1 / 128K: chunks 128 KB apart, for K and for V). The DRAM served
+    those lockstep reads slower: one layer on an H200, int8 at batch 1 / 128K took 0.0755 ms in
+    order and 0.0705 rotated (docs/kernels.md)."""
     n_tiles = tl.cdiv(end - start, BLOCK_N)
     return n_tiles, (split * 7 + tl.program_id(0) * 13) % tl.maximum(n_tiles, 1)
 

@@ -112,7 +112,7 @@ def _check_args(q, k, v, exact_len, exact_mask, body, body_len):
     want = (B, Hkv, L)
     for name in ("k_codes", "v_codes", "k_scale", "v_scale"):
         t = getattr(body, name)
-        blocks = name == "v_codes" and body.bits == 8
+        blocks = name == "v_codes"
         _check(t.dim() == (5 if blocks else 4) and t.shape[:2] == want[:2],
                f"body.{name} must be [B={B}, Hkv={Hkv}, ...]"
                + (f" in whole blocks of {kv_quant.VALUE_BLOCK} tokens (kv_quant.block_value_codes)" if blocks else "")
@@ -134,10 +134,14 @@ def _check_args(q, k, v, exact_len, exact_mask, body, body_len):
     kg, vg = body.key_group, body.value_group
     _check(kg >= 16 and kg & (kg - 1) == 0, f"key_group {kg} must be a power of two >= 16")
     _check(vg >= 16 and vg & (vg - 1) == 0 and D % vg == 0, f"value_group {vg} must be a power of two >= 16 dividing D={D}")
-    _check(L % kg == 0, f"body capacity {L} must be a multiple of key_group {kg}")
+    vb = kv_quant.VALUE_BLOCK
+    _check(L % kg == 0 and L % vb == 0, f"body capacity {L} must be a multiple of key_group {kg} and of {vb}")
     dp = D * body.bits // 8
     _check(body.k_codes.dtype == torch.uint8 and body.v_codes.dtype == torch.uint8, "bits 4/2 codes must be uint8")
-    _check(body.k_codes.shape == want + (dp,) and body.v_codes.shape == want + (dp,), f"packed codes must be [B, Hkv, L, {dp}]")
+    _check(body.k_codes.shape == want + (dp,), f"packed key codes must be [B, Hkv, L, {dp}]")
+    _check(body.v_codes.shape == (B, Hkv, L // vb, dp, vb) and body.v_codes.stride(3) == vb,
+           f"packed value codes must be whole blocks of {vb} tokens, [B, Hkv, L / {vb}, {dp}, {vb}] "
+           f"(kv_quant.block_value_codes)")
     _check(dp >= 16 or not q.is_cuda, f"packed rows of {dp} bytes are too narrow for the kernel (D={D}, bits={body.bits})")
     _check(body.k_zero is not None and body.v_zero is not None, "bits 4/2 need k_zero and v_zero")
     _check(body.k_scale.shape == (B, Hkv, L // kg, D) and body.k_zero.shape == body.k_scale.shape,

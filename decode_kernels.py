@@ -64,9 +64,7 @@ FORMAT_IDS = {"exact": 0, "int8": 1, "fp8": 2}
 # Tuning switches, module-level so the benchmark can sweep them (and CONFIGS) without widening
 # the launch API.
 CONVERT_ASM = True  # 8-bit codes converted with the PTX below (else plain casts, as under the interpreter)
-KIVI_ASM = True  # KIVI tiles unpacked and dequantized with PTX (decode_kernels_kivi; bf16 caches unless KIVI_F16)
-KIVI_F16 = True  # KIVI codes as fp16, values dequantized with one FMA per pair (else bf16 with two)
-KIVI_PREFETCH = True  # KIVI scales and zeros loaded one tile ahead (else where they are used)
+KIVI_ASM = True  # KIVI tiles unpacked with PTX (decode_kernels_kivi; else plain ops, as under the interpreter)
 MIN_SPLIT = 1024  # tokens of capacity per split at least (plan_splits) ...
 FILL_WARPS_PER_SM = 8  # ... unless that leaves the grid fewer warps than this per SM
 EXACT_SPLITS = 8  # the exact slots behind a body: one tile per split, up to this many splits
@@ -78,8 +76,8 @@ EXACT_BLOCK_N = 16
 COMBINE_BLOCK_D = 32  # channels per combine program
 INT8_OFFSET = 1152.0  # 1024 (the fp16 exponent the bytes sit under) + 128 (the flipped sign bit)
 INT8_OFFSET_T = tl.constexpr(INT8_OFFSET)  # the kernels read it as a global
-# How far (log2) a row's scores may pass the running max before the accumulators are rescaled
-# (online_softmax_lazy): probabilities stay below 2**8, far inside fp16.
+# How far (log2) a head's scores may pass the running max before the accumulators are rescaled
+# (KIVI's lazy running max, decode_kernels_kivi): probabilities stay below 2**8, far inside fp16.
 RESCALE_LOG2 = tl.constexpr(8.0)
 
 # Four int8 codes (one register) -> four fp16 1152 + code, two per output register.
@@ -188,22 +186,6 @@ def online_softmax(s, m_i, l_i):
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
-
-
-@triton.jit
-def online_softmax_lazy(s, m_i, l_i):
-    """online_softmax with a lazy running max: it moves only when some row's tile max passes it by
-    more than RESCALE_LOG2, so p stays below 2**RESCALE_LOG2 (fp16 holds it, the sums are fp32)
-    and most tiles of a long split skip the accumulators' rescale, a multiply per element of
-    [M, D] on the dots' dependency chain. Returns (p, whether the max moved: then the
-    accumulators need alpha, alpha, max, sum)."""
-    m_tile = tl.maximum(m_i, tl.max(s, axis=1))
-    grew = tl.max((m_tile > m_i + RESCALE_LOG2).to(tl.int32), axis=0) > 0  # a -inf max always moves
-    m_new = tl.where(grew, m_tile, m_i)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    return p, grew, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
@@ -462,10 +444,8 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
     segments = []  # (format, capacity, BLOCK_N, num_warps, num_stages)
     if body is not None:
         block_n, warps, stages, waves = CONFIGS[(body.format, D)]
-        if body.bits != 8:
-            block_n = min(block_n, body.key_group)  # a KIVI tile within one key group
-        else:
-            block_n = min(block_n, kv_quant.VALUE_BLOCK)  # an 8-bit tile within one block of value codes
+        # A tile within one block of value codes, and a KIVI tile within one key group.
+        block_n = min(block_n, kv_quant.VALUE_BLOCK, body.key_group or block_n)
         segments.append((body.format, body.k_codes.shape[2], block_n, warps, stages))
     block_n, warps, stages, exact_waves = CONFIGS[("exact", D)]
     if body is not None:
@@ -513,8 +493,7 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
                 body.v_codes, *body.v_codes.stride()[:3], body.k_scale, body.k_zero, *body.k_scale.stride()[:3],
                 body.v_scale, body.v_zero, *body.v_scale.stride()[:3], body_len, *tail,
                 BITS=body.bits, G=body.key_group, VG=body.value_group,
-                KIVI_ASM=KIVI_ASM and q.is_cuda and (KIVI_F16 or q.dtype == torch.bfloat16), F16=KIVI_F16,
-                PREFETCH=KIVI_PREFETCH, **launch)
+                VB=kv_quant.VALUE_BLOCK, KIVI_ASM=KIVI_ASM and q.is_cuda, **launch)
     if out is None:
         out = torch.empty_like(q)
     s_pad = triton.next_power_of_2(sum(splits))

@@ -3,50 +3,46 @@ splits of packed codes and the exact slots' behind it (kivi_and_exact_partial_ke
 by decode_kernels (which combines the splits).
 
 Planar packing (kv_quant): byte j of a token holds channels j, j + DP, ... at bit offsets 0, BITS,
-...; plane i = channels [i*DP, (i+1)*DP). Each tile is loaded once as dense bytes ([DP, BLOCK_N]
-keys, [BLOCK_N, NGP, GV] values) and unpacked per plane in registers; the dots run per plane over
-DP channels, one fp32 accumulator [M, DP] per plane. A tile never spans two key groups (BLOCK_N <=
-G, the key group, and splits start on tile boundaries), so its key scales and zeros are one row
-of D per tile; VG is the value group (per token, a scale and zero per VG channels). The scales
-and zeros are loaded one tile ahead (PREFETCH), as the 8-bit kernel's scales.
+...; plane i = channels [i*DP, (i+1)*DP). Key codes are token-major rows of DP bytes; value codes
+come in blocks of VB = 32 tokens, channel-major inside (kv_quant.VALUE_BLOCK). A tile of
+BLOCK_N tokens lies in one key group (G) and one block of value codes; its codes are loaded once
+and unpacked per plane in registers, in the layout the dots read.
 
-Codes become a float f built from their bits (exact): F16 values f = 1 + code / 2**BITS in fp16
-(the code under the top of the mantissa), F16 keys f = 1024 + code * 2**(plane * BITS) (the
-plane's bits left where they are, under the exponent of 1024: no shift), else f = 128 + code in
-bf16 (under the exponent of 128).
+Tokens are the rows of every dot, the query heads its columns (NH: the GQA group padded to the 8
+columns of a tensor-core tile, where rows would pad it to 16): scores [BLOCK_N, NH] = keys
+[BLOCK_N, DP] . q [DP, NH] per plane, and outputs [GV, NH] += values [GV, BLOCK_N] . P [BLOCK_N,
+NH] per plane and value group (GV channels of it). So the softmax works on half the padding and
+the accumulators are a quarter of [16, D].
 
-Keys are never dequantized: a key group's scale and zero are per channel, so its scale is folded
-into q once per group (q * a, a the step of f: scale / 2**(plane * BITS) in F16, else scale), and
-the offset of f and the zeros into one [M] term added to the group's scores (_fold_key_plane); the
-dots then read the unpacked codes as they are, in the layout the dot wants (docs/kernels.md has
-the timings).
-
-Values keep one scale and zero per token and VG channels, dequantized per element: value = f * a
-+ b, one FMA, with a = 2**BITS * scale and b = zero - a rounded to fp16 once per group (F16; q and
-P are fp16 too; fp16's 11 bits keep b's rounding below the bf16 path's error); bf16: (f - 128)
-exactly, then one FMA with scale and zero, two per element (one FMA f * scale + (zero - 128 *
-scale) would round zero - 128 * scale, an error of a quarter step, to bf16).
-KIVI_ASM does the unpack and the values' FMAs in packed-register PTX (unpack about one instruction
-per code, one fma.rn.f16x2 or two fma.rn.bf16x2 per value pair); without it (other dtypes in bf16
-mode, the interpreter) the same arithmetic is written with plain ops in fp32.
+Codes become a float f built from their bits (exact, fp16): keys f = 1024 + code * 2**(plane *
+BITS) (the plane's bits left where they are, under the exponent of 1024: no shift), values f = 1
++ code / 2**BITS (the code under the top of the mantissa). No code is dequantized:
+- a key group's scale and zero are per channel: its scale is folded into q once per group (q * a,
+  a = scale / 2**(plane * BITS)), and the offset of f and the zeros into one [NH] term added to
+  the group's scores (_fold_keys);
+- a value's scale and zero are per token and value group: value = f * a + b (a = 2**BITS * scale,
+  b = zero - a), so P . V = (P * a) . f + P . b, with P * a rounded to fp16 for each group (its
+  rounding multiplied by f < 2) and P . b for every group, with the sum of P beside it (a row of
+  ones), one small dot per tile.
+KIVI_ASM unpacks in packed-register PTX (keys about 0.6 instructions per code, values 1.1);
+without it (the interpreter) the same arithmetic is written with plain ops in fp32.
 """
 import triton
 import triton.language as tl
 
 import pdl
-from decode_kernels import exact_partial, finish_split, online_softmax_lazy, split_bounds, tile_order, tile_start
+from decode_kernels import RESCALE_LOG2, exact_partial, finish_split, split_bounds, tile_order, tile_start
 
 
-def _unpack_asm(bits, f16):
-    """PTX for four packed bytes (one register) -> every plane of them as f (module docstring),
-    two per output register: PRMT orders the bytes (b0, b2, b1, b3) so that a shift and one LOP3
-    (mask, then OR the exponent) yield the pair (byte i, byte i + 1) of a plane; about one
-    instruction per code. Outputs $0, $1 are plane 0's elements (0, 1) and (2, 3), $2, $3 plane
-    1's, ..."""
+def _unpack_values_asm(bits):
+    """PTX for four packed value bytes (one register) -> every plane of them as fp16 1 + code /
+    2**bits, two per output register: PRMT orders the bytes (b0, b2, b1, b3) so that a shift and
+    one LOP3 (mask, then OR the exponent of 1.0) yield the pair (byte i, byte i + 1) of a plane;
+    about one instruction per code. Outputs $0, $1 are plane 0's elements (0, 1) and (2, 3), $2,
+    $3 plane 1's, ..."""
     n = 8 // bits
-    top = 10 - bits if f16 else 0  # where the code goes in each 16-bit half
+    top = 10 - bits  # where the code goes in each 16-bit half: under the top of the mantissa
     mask = ((1 << bits) - 1) << top
-    exponent = 0x3C003C00 if f16 else 0x43004300  # fp16 1.0 / bf16 128.0, twice
     lines = ["{", ".reg .b32 t, u;", f"prmt.b32 t, ${2 * n}, 0, 0x3120;"]
     for plane in range(n):
         for half in range(2):
@@ -55,7 +51,7 @@ def _unpack_asm(bits, f16):
             if shift:
                 lines.append(f"{'shr' if shift > 0 else 'shl'}.b32 u, t, {abs(shift)};")
                 src = "u"
-            lines.append(f"lop3.b32 ${2 * plane + half}, {src}, 0x{mask | mask << 16:08x}, 0x{exponent:08x}, 0xea;")
+            lines.append(f"lop3.b32 ${2 * plane + half}, {src}, 0x{mask | mask << 16:08x}, 0x3c003c00, 0xea;")
     return "\n".join(lines + ["}"])
 
 
@@ -63,7 +59,7 @@ def _unpack_keys_asm(bits):
     """PTX for four packed key bytes -> every plane as fp16 1024 + code * 2**(plane * bits): two
     PRMTs put bytes (0, 1) and (2, 3) under the halves' low bytes, then one LOP3 per output pair
     keeps a plane's bits in place and ORs the exponent of 1024, no shift (the key fold divides
-    that plane's scale by 2**(plane * bits)). Outputs as _unpack_asm's."""
+    that plane's scale by 2**(plane * bits)). Outputs as _unpack_values_asm's."""
     packed = f"${8 // bits * 2}"
     lines = ["{", ".reg .b32 t, u;", f"prmt.b32 t, {packed}, 0, 0x4140;", f"prmt.b32 u, {packed}, 0, 0x4342;"]
     for plane in range(8 // bits):
@@ -73,244 +69,145 @@ def _unpack_keys_asm(bits):
     return "\n".join(lines + ["}"])
 
 
-_DEQUANT_BF16_PTX = "\n".join([
-    "{", ".reg .b32 c, one, off;", "mov.b32 one, 0x3f803f80;", "mov.b32 off, 0xc300c300;",
-    "fma.rn.bf16x2 c, $1, one, off;", "fma.rn.bf16x2 $0, c, $2, $3;", "}",
-])
-
-
-_UNPACK4_ASM = tl.constexpr(_unpack_asm(4, False))
-_UNPACK2_ASM = tl.constexpr(_unpack_asm(2, False))
-_UNPACK4_F16_ASM = tl.constexpr(_unpack_asm(4, True))
-_UNPACK2_F16_ASM = tl.constexpr(_unpack_asm(2, True))
+_UNPACK4_VALUES_ASM = tl.constexpr(_unpack_values_asm(4))
+_UNPACK2_VALUES_ASM = tl.constexpr(_unpack_values_asm(2))
 _UNPACK4_KEYS_ASM = tl.constexpr(_unpack_keys_asm(4))
 _UNPACK2_KEYS_ASM = tl.constexpr(_unpack_keys_asm(2))
-_DEQUANT_BF16_ASM = tl.constexpr(_DEQUANT_BF16_PTX)
-_DEQUANT_F16_ASM = tl.constexpr("fma.rn.f16x2 $0, $1, $2, $3;")
 
 
 @triton.jit
-def _affine(scale, zero, BITS: tl.constexpr, F16: tl.constexpr):
-    """What the dequantization multiplies and adds (module docstring): F16 (a, b) =
-    (2**BITS * scale, zero - 2**BITS * scale) rounded to fp16 once, else (scale, zero)."""
-    if F16:
-        a = scale.to(tl.float32) * (1 << BITS)
-        return a.to(tl.float16), (zero.to(tl.float32) - a).to(tl.float16)
+def _replace(items, k: tl.constexpr, new):
+    """The tuple `items` with item k replaced by `new`."""
+    if k == 0:
+        return (new,) + items[1:]
     else:
-        return scale, zero
+        return items[:k] + (new,) + items[k + 1:]
 
 
 @triton.jit
-def _key_params_plane(KS, KZ, row, I: tl.constexpr, DP: tl.constexpr):
-    """The key scales and zeros of plane I's channels in the key group at offset `row`, [DP] each."""
-    offs = row + I * DP + tl.arange(0, DP)
-    return tl.load(KS + offs), tl.load(KZ + offs)
+def _row(x, i: tl.constexpr):
+    """Row i of a 2-D tensor (fp32), as a 1-D tensor along its columns."""
+    rows = tl.arange(0, x.shape[0])
+    return tl.sum(tl.where(rows[:, None] == i, x.to(tl.float32), 0.0), axis=0)
+
+
+@triton.jit
+def _load_q_planes(q_cols, h_ok, qk_scale, DP: tl.constexpr, NPL: tl.constexpr):
+    """q transposed, one [DP, NH] fp16 tensor per plane (plane i: channels [i * DP, (i + 1) * DP)),
+    prescaled (softmax scale, log2 e) and rounded once, so that the scores leave the dots in log2
+    units. q_cols [NH] points at each query head's row."""
+    offs_p = tl.arange(0, DP)
+    planes = ()
+    for i in tl.static_range(NPL):
+        q = tl.load(q_cols[None, :] + (i * DP + offs_p)[:, None], mask=h_ok[None, :], other=0.0)
+        planes = planes + ((q.to(tl.float32) * qk_scale).to(tl.float16),)
+    return planes
 
 
 @triton.jit
 def _key_params(KS, KZ, n, cap, sksn, G: tl.constexpr, DP: tl.constexpr, NPL: tl.constexpr):
-    """The key scales and zeros of the group holding token n: a tuple of NPL (scale, zero) pairs,
-    one per plane. A token past the capacity (an empty split's start) reads the last group
-    instead, unused: no mask."""
+    """The key scales and zeros of the group holding token n: one ([DP], [DP]) pair per plane. A
+    token past the capacity (an empty split's start) reads the last group instead, unused: no
+    mask."""
     row = (tl.minimum(n, cap - 1) // G) * sksn
-    p0 = _key_params_plane(KS, KZ, row, 0, DP)
-    p1 = _key_params_plane(KS, KZ, row, 1, DP)
-    if NPL == 2:
-        return p0, p1
-    else:
-        return p0, p1, _key_params_plane(KS, KZ, row, 2, DP), _key_params_plane(KS, KZ, row, 3, DP)
+    offs_p = tl.arange(0, DP)
+    params = ()
+    for i in tl.static_range(NPL):
+        params = params + ((tl.load(KS + row + i * DP + offs_p), tl.load(KZ + row + i * DP + offs_p)),)
+    return params
 
 
 @triton.jit
-def _fold_key_plane(q_i, params, I: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
-    """A key group's scales and zeros folded into q (module docstring), for plane I: q_i [M, DP]
-    in the dots' dtype and the plane's (scale, zero) [DP] -> (q_i * a rounded to that dtype once,
-    [M] fp32: what the codes' offset and the zeros add to every score of the group). With
-    k = a * (f - OFF) + zero + scale * MID per channel, MID the middle code and OFF the f of MID,
+def _fold_keys(q_planes, params, BITS: tl.constexpr):
+    """A key group's scales and zeros folded into q (module docstring): the planes of q [DP, NH]
+    and the group's (scale, zero) per plane -> (q * a per plane, rounded to fp16 once; [NH] fp32:
+    what the codes' offset and the zeros add to every score of the group). A key plane's f is
+    1024 + code * w, w = 2**(plane * BITS), so a = scale / w. With k = a * (f - OFF) + zero +
+    scale * MID per channel, MID the middle code and OFF the f of MID,
     q . k = (q * a) . f - OFF * sum(q * a) + q . (zero + scale * MID): the rounding of q * a is
     multiplied by f - OFF, at most half the codes' range (OFF = f of code 0 would double it)."""
-    qf = q_i.to(tl.float32)
-    scale = params[0].to(tl.float32)
     mid = ((1 << BITS) - 1) / 2
-    if F16:
-        w = 1 << (I * BITS)  # key f = 1024 + code * w (_unpack_key_planes)
-        a = scale / w
-        offset = 1024.0 + mid * w
-    else:
-        a = scale  # f = 128 + code
-        offset = 128.0 + mid
-    qa = (qf * a[None, :]).to(q_i.dtype)
-    zeros = params[1].to(tl.float32) + scale * mid
-    return qa, tl.sum(qf * zeros[None, :] - offset * qa.to(tl.float32), axis=1)
+    folded = ()
+    c = tl.zeros([q_planes[0].shape[1]], tl.float32)
+    for i in tl.static_range(len(q_planes)):
+        qf = q_planes[i].to(tl.float32)
+        scale = params[i][0].to(tl.float32)
+        w = 1 << (i * BITS)
+        qa = (qf * (scale / w)[:, None]).to(tl.float16)
+        zeros = params[i][1].to(tl.float32) + scale * mid
+        c += tl.sum(qf * zeros[:, None] - (1024.0 + mid * w) * qa.to(tl.float32), axis=0)
+        folded = folded + (qa,)
+    return folded, c
 
 
 @triton.jit
-def _value_params_plane(VS, VZ, rows, ok, I: tl.constexpr, DP: tl.constexpr, VG: tl.constexpr, NGP: tl.constexpr,
-                        BITS: tl.constexpr, F16: tl.constexpr):
-    """_affine of plane I's value groups for the tokens at offsets `rows` [BLOCK_N]: [BLOCK_N,
-    NGP] each, part j of the plane (GV channels) in group I * DP // VG + j."""
-    offs = rows[:, None] + (I * DP // VG + tl.arange(0, NGP))[None, :]
-    return _affine(tl.load(VS + offs, mask=ok[:, None], other=0.0), tl.load(VZ + offs, mask=ok[:, None], other=0.0),
-                   BITS, F16)
-
-
-@triton.jit
-def _value_params(VS, VZ, offs_n, ok, svsn, DP: tl.constexpr, VG: tl.constexpr, NGP: tl.constexpr,
-                  NPL: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
-    """The value parameters of tokens offs_n [BLOCK_N]: a tuple of NPL (a, b) pairs, one per
-    plane, [BLOCK_N, NGP] each."""
-    rows = offs_n * svsn
-    p0 = _value_params_plane(VS, VZ, rows, ok, 0, DP, VG, NGP, BITS, F16)
-    p1 = _value_params_plane(VS, VZ, rows, ok, 1, DP, VG, NGP, BITS, F16)
-    if NPL == 2:
-        return p0, p1
-    else:
-        return (p0, p1, _value_params_plane(VS, VZ, rows, ok, 2, DP, VG, NGP, BITS, F16),
-                _value_params_plane(VS, VZ, rows, ok, 3, DP, VG, NGP, BITS, F16))
+def _value_params(VS, VZ, offs_n, ok, svsn, NG: tl.constexpr, NB: tl.constexpr, BITS: tl.constexpr):
+    """The value scales and zeros of tokens offs_n [BLOCK_N], as P.V takes them (value = f * a +
+    b, f = 1 + code / 2**BITS): (a per group, a tuple of NG [BLOCK_N] fp32, a = 2**BITS * scale;
+    rows [NB, BLOCK_N] fp16: b = zero - a rounded once for each group, then a row of ones, which
+    sums the probabilities in the same dot, then zeros). Each group's a is a load of its own: in
+    the tile of all groups they would lie in different threads, and taking a row out of it costs
+    a reduction across the warp."""
+    a = ()
+    for g in tl.static_range(NG):
+        a = a + (tl.load(VS + offs_n * svsn + g, mask=ok, other=0.0).to(tl.float32) * (1 << BITS),)
+    rows = tl.arange(0, NB)[:, None]
+    offs = offs_n[None, :] * svsn + rows
+    scale = tl.load(VS + offs, mask=ok[None, :] & (rows < NG), other=0.0).to(tl.float32)
+    zero = tl.load(VZ + offs, mask=ok[None, :] & (rows < NG), other=0.0).to(tl.float32)
+    return a, tl.where(rows == NG, 1.0, zero - scale * (1 << BITS)).to(tl.float16)
 
 
 # ---- portable path (plain ops in fp32; the interpreter's) ----
 @triton.jit
-def _plane_codes(packed, I: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
-    """Plane I of a packed uint8 tile as fp32 f, exact, from bits (shift, mask, or; no int ->
-    float conversion): F16 1 + code / 2**BITS (under the top of the mantissa), else 128 + code."""
+def _plane_codes(packed, I: tl.constexpr, BITS: tl.constexpr):
+    """Plane I of a packed uint8 tile as fp32 1 + code / 2**BITS, exact, from bits (shift, mask,
+    or; no int -> float conversion): the code under the top of the mantissa."""
     c = (packed.to(tl.int32) >> (I * BITS)) & ((1 << BITS) - 1)
-    if F16:
-        return ((c << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+    return ((c << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _key_plane_codes(packed, I: tl.constexpr, BITS: tl.constexpr):
+    """Plane I of a packed key tile as fp32 1024 + code * 2**(I * BITS), exact: the plane's bits
+    left in place under the exponent of 1024, as _unpack_key_planes."""
+    c = packed.to(tl.int32) & (((1 << BITS) - 1) << (I * BITS))
+    return ((c << 13) | 0x44800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _unpack(packed, BITS: tl.constexpr, KEYS: tl.constexpr, KIVI_ASM: tl.constexpr):
+    """Every plane of a packed uint8 tile as fp16 f, exact, a tuple of 8 // BITS: keys 1024 +
+    code * 2**(plane * BITS), values 1 + code / 2**BITS. KIVI_ASM: packed-register PTX (keys about
+    0.6 instructions per code, values 1.1: nothing multiplies a key element by element, the fold
+    scales q, so its bits may stay where they are); else plain ops in fp32."""
+    if KIVI_ASM:
+        if KEYS:
+            asm: tl.constexpr = _UNPACK4_KEYS_ASM if BITS == 4 else _UNPACK2_KEYS_ASM
+        else:
+            asm: tl.constexpr = _UNPACK4_VALUES_ASM if BITS == 4 else _UNPACK2_VALUES_ASM
+        if BITS == 4:
+            return tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [packed], dtype=(tl.float16, tl.float16),
+                                             is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
+                                             dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True,
+                                             pack=4)
     else:
-        return ((c << 16) | 0x43000000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _dequant(f, a, b, F16: tl.constexpr):
-    """Values in fp32 from f (_plane_codes) and _affine's (a, b), broadcast against f."""
-    if F16:
-        return f * a.to(tl.float32) + b.to(tl.float32)
-    else:
-        return (f - 128.0) * a.to(tl.float32) + b.to(tl.float32)
-
-
-@triton.jit
-def _fold_keys(q0, q1, q2, q3, kp, NPL: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
-    """_fold_key_plane of every plane: (q0 * a0, q1 * a1, q2 * a2, q3 * a3, the summed [M] term);
-    with two planes, q2 and q3 are passed through unused."""
-    qa0, c = _fold_key_plane(q0, kp[0], 0, BITS, F16)
-    qa1, c_i = _fold_key_plane(q1, kp[1], 1, BITS, F16)
-    c += c_i
-    if NPL == 4:
-        qa2, c_i = _fold_key_plane(q2, kp[2], 2, BITS, F16)
-        c += c_i
-        qa3, c_i = _fold_key_plane(q3, kp[3], 3, BITS, F16)
-        c += c_i
-    else:
-        qa2, qa3 = q2, q3
-    return qa0, qa1, qa2, qa3, c
-
-
-@triton.jit
-def _key_plane_codes(packed, I: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
-    """Plane I of a packed key tile as fp32 f, exact: F16 1024 + code * 2**(I * BITS) (the
-    plane's bits left in place under the exponent of 1024, as _unpack_key_planes), else as
-    _plane_codes."""
-    if F16:
-        c = packed.to(tl.int32) & (((1 << BITS) - 1) << (I * BITS))
-        return ((c << 13) | 0x44800000).to(tl.float32, bitcast=True)
-    else:
-        return _plane_codes(packed, I, BITS, F16)
-
-
-@triton.jit
-def _key_codes(kb, BITS: tl.constexpr, F16: tl.constexpr, dtype: tl.constexpr):
-    """Every plane of a key tile kb [DP, BLOCK_N] as f in the dots' dtype (exact), a tuple."""
-    f0 = _key_plane_codes(kb, 0, BITS, F16).to(dtype)
-    f1 = _key_plane_codes(kb, 1, BITS, F16).to(dtype)
-    if BITS == 4:
-        return f0, f1
-    else:
-        return f0, f1, _key_plane_codes(kb, 2, BITS, F16).to(dtype), _key_plane_codes(kb, 3, BITS, F16).to(dtype)
-
-
-@triton.jit
-def _kivi_value_plane(vb3, params, I: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr, BLOCK_N: tl.constexpr,
-                      DP: tl.constexpr):
-    """Plane I of a value tile in fp32, [BLOCK_N, DP], from vb3 [BLOCK_N, NGP, GV] packed bytes
-    and the per-token (a, b) [BLOCK_N, NGP] of each part of the plane, broadcast over its GV
-    channels."""
-    v = _dequant(_plane_codes(vb3, I, BITS, F16), params[0][:, :, None], params[1][:, :, None], F16)
-    return tl.reshape(v, [BLOCK_N, DP])
-
-
-# ---- KIVI_ASM: packed-register PTX ----
-@triton.jit
-def _unpack_with(ASM: tl.constexpr, packed, BITS: tl.constexpr, F16: tl.constexpr):
-    """Run an unpacking PTX (_unpack_asm, _unpack_keys_asm) on a packed uint8 tile: a tuple of
-    8 // BITS planes, fp16 (F16) or bf16."""
-    ty = tl.float16 if F16 else tl.bfloat16
-    if BITS == 4:
-        return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [packed], dtype=(ty, ty), is_pure=True, pack=4)
-    else:
-        return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed], dtype=(ty, ty, ty, ty),
-                                         is_pure=True, pack=4)
-
-
-@triton.jit
-def _unpack_planes(packed, BITS: tl.constexpr, F16: tl.constexpr):
-    """Every plane of a packed uint8 tile as f (exact; fp16 or bf16), a tuple of 8 // BITS."""
-    if F16:
-        return _unpack_with(_UNPACK4_F16_ASM if BITS == 4 else _UNPACK2_F16_ASM, packed, BITS, True)
-    else:
-        return _unpack_with(_UNPACK4_ASM if BITS == 4 else _UNPACK2_ASM, packed, BITS, False)
-
-
-@triton.jit
-def _unpack_key_planes(packed, BITS: tl.constexpr):
-    """Every plane of a packed uint8 key tile as fp16 1024 + code * 2**(plane * BITS), exact, a
-    tuple of 8 // BITS: about 0.6 instructions per code where _unpack_planes takes 1.1 (keys need
-    no small f: nothing multiplies them element by element, the fold scales q)."""
-    return _unpack_with(_UNPACK4_KEYS_ASM if BITS == 4 else _UNPACK2_KEYS_ASM, packed, BITS, True)
-
-
-@triton.jit
-def _dequant_asm(f, a, b, F16: tl.constexpr):
-    """f (a plane from _unpack_planes) -> its values in f's dtype, with _affine's (a, b)
-    broadcastable against f. F16: f * a + b, one fma.rn.f16x2 per pair of elements; bf16:
-    (f - 128) exactly, then code * scale + zero rounded once, two fma.rn.bf16x2.
-
-    is_pure=False pins it where it is written: a pure op is moved past the layout conversion
-    into the dot operand's layout, where each thread holds codes of many tokens and loads a
-    scale and zero for each (sm_90 SASS per 32-token int4 tile, G 32: 776 instructions, 64
-    loads; pinned in the load layout, whose 16 codes per thread share one group: 414)."""
-    if F16:
-        return tl.inline_asm_elementwise(_DEQUANT_F16_ASM, "=r,r,r,r", [f, a, b], dtype=tl.float16, is_pure=False,
-                                         pack=2)
-    else:
-        return tl.inline_asm_elementwise(_DEQUANT_BF16_ASM, "=r,r,r,r", [f, a, b], dtype=tl.bfloat16, is_pure=False,
-                                         pack=2)
-
-
-@triton.jit
-def _kivi_value_plane_asm(f, params, F16: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr):
-    """Values of a plane, [BLOCK_N, DP], from f [BLOCK_N, NGP, GV] and the plane's per-token
-    (a, b) [BLOCK_N, NGP]."""
-    return tl.reshape(_dequant_asm(f, params[0][:, :, None], params[1][:, :, None], F16), [BLOCK_N, DP])
-
-
-@triton.jit
-def _load_q(ptrs, row_ok, qk_scale, F16: tl.constexpr):
-    """A plane of q, [M, DP], in the dots' dtype: F16 prescaled (softmax scale, log2 e) and
-    rounded to fp16 once, so that the scores leave the dots in log2 units; else as stored."""
-    q = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-    if F16:
-        return (q.to(tl.float32) * qk_scale).to(tl.float16)
-    else:
-        return q
+        planes = ()
+        for i in tl.static_range(8 // BITS):
+            if KEYS:
+                planes = planes + (_key_plane_codes(packed, i, BITS).to(tl.float16),)
+            else:
+                planes = planes + (_plane_codes(packed, i, BITS).to(tl.float16),)
+        return planes
 
 
 @triton.jit
 def kivi_partial(
     Q, sqb, sqh,
-    K, skb, skh, skn,  # packed codes [B, Hkv, L, DP]
-    V, svb, svh, svn,
+    K, skb, skh, skn,  # packed key codes [B, Hkv, L, DP]
+    V, svb, svh, svn,  # packed value codes in blocks [B, Hkv, L / VB, DP, VB], svn per block
     KS, KZ, sksb, sksh, sksn,  # key scale / zero [B, Hkv, L / G, D] (same strides)
     VS, VZ, svsb, svsh, svsn,  # value scale / zero [B, Hkv, L, D / VG] (same strides)
     LEN,  # valid length [1]
@@ -318,133 +215,109 @@ def kivi_partial(
     sl_b, sl_h,
     qk_scale, Hkv,
     split, sp, n_splits, cap,  # this program's split of the body, its index in O and LSE, the body's splits
-    N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-    G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr,
-    KIVI_ASM: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    N_REP: tl.constexpr, NH: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+    G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, VB: tl.constexpr,
+    KIVI_ASM: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program's split of a KIVI body for one KV head: its partial output and log2-sum-exp,
-    written at split index sp."""
+    written at split index sp. Tokens are the rows of every dot (module docstring)."""
     b = tl.program_id(0) // Hkv
     h = tl.program_id(0) % Hkv
     start, end = split_bounds(split, LEN, cap, n_splits, True, BLOCK_N)
 
-    offs_m = tl.arange(0, M)
-    row_ok = offs_m < N_REP
-    heads = h * N_REP + offs_m  # query heads of this kv head
-    offs_n0 = tl.arange(0, BLOCK_N)
-    m_i = tl.full([M], float("-inf"), tl.float32)
-    l_i = tl.zeros([M], tl.float32)
-    q_base = Q + b * sqb + heads * sqh  # [M]
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-
     DP: tl.constexpr = D * BITS // 8  # bytes per token
     NPL: tl.constexpr = 8 // BITS  # planes
+    NG: tl.constexpr = D // VG  # value groups
+    GV: tl.constexpr = VG if VG < DP else DP  # channels of one value group within one plane
+    NGP: tl.constexpr = DP // GV  # value groups per plane
+    offs_h = tl.arange(0, NH)
+    h_ok = offs_h < N_REP
+    heads = h * N_REP + offs_h  # query heads of this kv head, padded to NH columns
+    offs_n0 = tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, DP)
-    q0 = _load_q(q_base[:, None] + offs_p[None, :], row_ok, qk_scale, F16)  # [M, DP], the dots' dtype
-    q1 = _load_q(q_base[:, None] + DP + offs_p[None, :], row_ok, qk_scale, F16)
-    acc0 = tl.zeros([M, DP], tl.float32)
-    acc1 = tl.zeros([M, DP], tl.float32)
-    if NPL == 4:
-        q2 = _load_q(q_base[:, None] + 2 * DP + offs_p[None, :], row_ok, qk_scale, F16)
-        q3 = _load_q(q_base[:, None] + 3 * DP + offs_p[None, :], row_ok, qk_scale, F16)
-        acc2 = tl.zeros([M, DP], tl.float32)
-        acc3 = tl.zeros([M, DP], tl.float32)
-    else:
-        q2, q3 = q0, q1  # (unused)
-    # Values load as [BLOCK_N, NGP, GV]: GV channels of a plane share one value group, so each
-    # token's (scale, zero) broadcasts along the last axis in registers; a reshape to
-    # [BLOCK_N, DP] then feeds the dot.
-    GV: tl.constexpr = VG if VG < DP else DP
-    NGP: tl.constexpr = DP // GV
-    offs_v3 = tl.arange(0, NGP)[None, :, None] * GV + tl.arange(0, GV)[None, None, :]  # [1, NGP, GV]
+    offs_gv = tl.arange(0, GV)
+    q_planes = _load_q_planes(Q + b * sqb + heads * sqh, h_ok, qk_scale, DP, NPL)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
     ks_base = KS + b * sksb + h * sksh
     kz_base = KZ + b * sksb + h * sksh
     vs_base = VS + b * svsb + h * svsh
     vz_base = VZ + b * svsb + h * svsh
 
+    m_i = tl.full([NH], float("-inf"), tl.float32)
+    accs = (tl.zeros([GV, NH], tl.float32),) * (NPL * NGP)  # plane i, part j: channels i * DP + j * GV + [0, GV)
+    # Sums over tokens per query head: of p * b for each value group (rows [0, NG)), and of p (row
+    # NG: the softmax's denominator).
+    NB: tl.constexpr = triton.next_power_of_2(NG + 1)
+    sums = tl.zeros([NB, NH], tl.float32)
+
     n_tiles, first = tile_order(split, start, end, BLOCK_N)  # tiles visited from `first` on, wrapping
     n_first = tile_start(0, first, n_tiles, start, BLOCK_N)
-    if PREFETCH:
-        # The scales and zeros are loaded one tile ahead: the pipeliner stages only the code
-        # tiles the dots read, so a parameter loaded where it is used exposes a whole memory
-        # latency every tile.
-        kp_next = _key_params(ks_base, kz_base, n_first, cap, sksn, G, DP, NPL)
-        vp_next = _value_params(vs_base, vz_base, n_first + offs_n0, (n_first + offs_n0) < end, svsn,
-                                DP, VG, NGP, NPL, BITS, F16)
+    # The scales and zeros are loaded one tile ahead: the pipeliner stages only the code tiles
+    # the dots read, so a parameter loaded where it is used exposes a whole memory latency.
+    vp_next = _value_params(vs_base, vz_base, n_first + offs_n0, (n_first + offs_n0) < end, svsn, NG, NB, BITS)
+    kp_next = _key_params(ks_base, kz_base, n_first, cap, sksn, G, DP, NPL)
     if G != BLOCK_N:
         # The key group's scales and zeros folded into q once per group (below: where a tile
         # starts one), not once per tile.
-        qa0, qa1, qa2, qa3, c = _fold_keys(q0, q1, q2, q3, _key_params(ks_base, kz_base, n_first, cap, sksn, G, DP,
-                                                                       NPL), NPL, BITS, F16)
+        folded, c = _fold_keys(q_planes, kp_next, BITS)
     for t in range(0, n_tiles):
-        n0 = tile_start(t, first, n_tiles, start, BLOCK_N)
+        n0 = tl.multiple_of(tile_start(t, first, n_tiles, start, BLOCK_N), BLOCK_N)
         offs_n = n0 + offs_n0
         ok_n = offs_n < end
-        if PREFETCH:
-            kp, vp = kp_next, vp_next
-            n_next = tile_start(t + 1, first, n_tiles, start, BLOCK_N)
-            kp_next = _key_params(ks_base, kz_base, n_next, cap, sksn, G, DP, NPL)
-            ok_next = (n_next + offs_n0) < tl.where(t + 1 < n_tiles, end, 0)  # none after the last
-            vp_next = _value_params(vs_base, vz_base, n_next + offs_n0, ok_next, svsn, DP, VG, NGP, NPL, BITS, F16)
-        else:
-            kp = _key_params(ks_base, kz_base, n0, cap, sksn, G, DP, NPL)
-            vp = _value_params(vs_base, vz_base, offs_n, ok_n, svsn, DP, VG, NGP, NPL, BITS, F16)
-        # ---- scores [M, BLOCK_N] ----
-        kb = tl.load(k_base + offs_n[None, :] * skn + offs_p[:, None], mask=ok_n[None, :], other=0)  # [DP, BLOCK_N]
-        if KIVI_ASM:
-            fk = _unpack_key_planes(kb, BITS) if F16 else _unpack_planes(kb, BITS, F16)
-        else:
-            fk = _key_codes(kb, BITS, F16, q0.dtype)
+        kp = kp_next
+        va, vb = vp_next
+        n_next = tile_start(t + 1, first, n_tiles, start, BLOCK_N)
+        kp_next = _key_params(ks_base, kz_base, n_next, cap, sksn, G, DP, NPL)
+        ok_next = (n_next + offs_n0) < tl.where(t + 1 < n_tiles, end, 0)  # none after the last
+        vp_next = _value_params(vs_base, vz_base, n_next + offs_n0, ok_next, svsn, NG, NB, BITS)
+        # ---- scores [BLOCK_N, NH], base 2 ----
+        kb = tl.load(k_base + offs_n[:, None] * skn + offs_p[None, :], mask=ok_n[:, None], other=0)  # [BLOCK_N, DP]
+        fk = _unpack(kb, BITS, True, KIVI_ASM)
         if G == BLOCK_N:
-            qa0, qa1, qa2, qa3, c = _fold_keys(q0, q1, q2, q3, kp, NPL, BITS, F16)
+            folded, c = _fold_keys(q_planes, kp, BITS)
         elif ((n0 % G == 0) | (n0 == start)) & (t != 0):
             # a group's first tile, or the wrap back to start (which may be inside a group)
-            qa0, qa1, qa2, qa3, c = _fold_keys(q0, q1, q2, q3, kp, NPL, BITS, F16)
-        s = tl.dot(qa0, fk[0])
-        s = tl.dot(qa1, fk[1], s)
-        if NPL == 4:
-            s = tl.dot(qa2, fk[2], s)
-            s = tl.dot(qa3, fk[3], s)
-        s += c[:, None]
-        if not F16:
-            s = s * qk_scale
-        s = tl.where(ok_n[None, :], s, float("-inf"))
-        p, grew, alpha, m_i, l_i = online_softmax_lazy(s, m_i, l_i)
-        if grew:
-            acc0 = acc0 * alpha[:, None]
-            acc1 = acc1 * alpha[:, None]
-            if NPL == 4:
-                acc2 = acc2 * alpha[:, None]
-                acc3 = acc3 * alpha[:, None]
-        # ---- values ----
-        pq = p.to(q0.dtype)
-        vb3 = tl.load(v_base + offs_n[:, None, None] * svn + offs_v3, mask=ok_n[:, None, None],
-                      other=0)  # [BLOCK_N, NGP, GV]
-        if KIVI_ASM:
-            fv = _unpack_planes(vb3, BITS, F16)
-            acc0 = tl.dot(pq, _kivi_value_plane_asm(fv[0], vp[0], F16, BLOCK_N, DP), acc0)
-            acc1 = tl.dot(pq, _kivi_value_plane_asm(fv[1], vp[1], F16, BLOCK_N, DP), acc1)
-            if NPL == 4:
-                acc2 = tl.dot(pq, _kivi_value_plane_asm(fv[2], vp[2], F16, BLOCK_N, DP), acc2)
-                acc3 = tl.dot(pq, _kivi_value_plane_asm(fv[3], vp[3], F16, BLOCK_N, DP), acc3)
-        else:
-            acc0 = tl.dot(pq, _kivi_value_plane(vb3, vp[0], 0, BITS, F16, BLOCK_N, DP).to(q0.dtype), acc0)
-            acc1 = tl.dot(pq, _kivi_value_plane(vb3, vp[1], 1, BITS, F16, BLOCK_N, DP).to(q0.dtype), acc1)
-            if NPL == 4:
-                acc2 = tl.dot(pq, _kivi_value_plane(vb3, vp[2], 2, BITS, F16, BLOCK_N, DP).to(q0.dtype), acc2)
-                acc3 = tl.dot(pq, _kivi_value_plane(vb3, vp[3], 3, BITS, F16, BLOCK_N, DP).to(q0.dtype), acc3)
+            folded, c = _fold_keys(q_planes, kp, BITS)
+        s = tl.dot(fk[0], folded[0])
+        for i in tl.static_range(1, NPL):
+            s = tl.dot(fk[i], folded[i], s)
+        s = tl.where(ok_n[:, None], s + c[None, :], float("-inf"))
+        # A lazy running max: it moves only when some score passes it by more than RESCALE_LOG2,
+        # so p stays below 2**RESCALE_LOG2 (fp16 holds it) and most tiles of a long split skip
+        # the accumulators' rescale and the max's reductions: one warp-wide test of the scores.
+        over = tl.reshape((s > (m_i + RESCALE_LOG2)[None, :]).to(tl.int32), [BLOCK_N * NH])
+        if tl.max(over, axis=0) > 0:
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))  # a -inf max always moves
+            alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+            for k in tl.static_range(NPL * NGP):
+                accs = _replace(accs, k, accs[k] * alpha[None, :])
+            sums = sums * alpha[None, :]
+            m_i = m_new
+        p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
+        # ---- values: value = f * a + b per token and group, a folded into P ----
+        sums = tl.dot(vb, p.to(tl.float16), sums)
+        p_groups = ()
+        for g in tl.static_range(NG):
+            p_groups = p_groups + ((p * va[g][:, None]).to(tl.float16),)
+        # The tile lies in one block of value codes, channel-major: part j of it holds rows
+        # [j * GV, (j + 1) * GV) of its bytes, channels j * GV + [0, GV) of every plane.
+        # Unmasked: a tile never passes the capacity (a multiple of VB), codes past the split's
+        # end are valid codes and their probabilities are 0.
+        block = v_base + (n0 // VB) * svn + tl.multiple_of(n0 % VB, BLOCK_N)
+        for j in tl.static_range(NGP):
+            fv = _unpack(tl.load(block + (j * GV + offs_gv)[:, None] * VB + offs_n0[None, :]), BITS, False, KIVI_ASM)
+            for i in tl.static_range(NPL):
+                accs = _replace(accs, i * NGP + j, tl.dot(fv[i], p_groups[(i * DP + j * GV) // VG], accs[i * NGP + j]))
 
     # ---- this split's normalized output and log2-sum-exp ----
     pdl.let_dependents_launch(PDL)
-    inv_l, out_ok = finish_split(m_i, l_i, LSE, b * sl_b + heads * sl_h + sp, start, end, N_REP, M)
-    o_row = O + b * so_b + heads * so_h + sp * so_s  # [M]
-    o_p = o_row[:, None] + offs_p[None, :]  # plane i -> channels [i*DP, (i+1)*DP)
-    tl.store(o_p, acc0 * inv_l[:, None], mask=out_ok[:, None])
-    tl.store(o_p + DP, acc1 * inv_l[:, None], mask=out_ok[:, None])
-    if NPL == 4:
-        tl.store(o_p + 2 * DP, acc2 * inv_l[:, None], mask=out_ok[:, None])
-        tl.store(o_p + 3 * DP, acc3 * inv_l[:, None], mask=out_ok[:, None])
+    inv_l, out_ok = finish_split(m_i, _row(sums, NG), LSE, b * sl_b + heads * sl_h + sp, start, end, N_REP, NH)
+    o_cols = O + b * so_b + heads * so_h + sp * so_s  # [NH]
+    for i in tl.static_range(NPL):
+        for j in tl.static_range(NGP):
+            o = (accs[i * NGP + j] + _row(sums, (i * DP + j * GV) // VG)[None, :]) * inv_l[None, :]
+            tl.store(o_cols[None, :] + (i * DP + j * GV + offs_gv)[:, None], o, mask=out_ok[None, :])
 
 
 @triton.jit
@@ -456,9 +329,8 @@ def kivi_and_exact_partial_kernel(
     O, LSE, so_b, so_h, so_s, sl_b, sl_h,
     qk_scale, Hkv, body_splits, body_cap, exact_splits, exact_cap,
     N_REP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-    G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, HAS_EXACT_LEN: tl.constexpr,
-    HAS_EXACT_MASK: tl.constexpr, KIVI_ASM: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
-    PDL: tl.constexpr, EXACT_BLOCK_N: tl.constexpr,
+    G: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr, VB: tl.constexpr, HAS_EXACT_LEN: tl.constexpr,
+    HAS_EXACT_MASK: tl.constexpr, KIVI_ASM: tl.constexpr, PDL: tl.constexpr, EXACT_BLOCK_N: tl.constexpr,
 ):
     """Grid (B * Hkv, body_splits + exact_splits): a KIVI body and the exact slots behind it in
     one launch, as decode_kernels.body_and_exact_partial_kernel does for 8-bit bodies (it says
@@ -468,8 +340,8 @@ def kivi_and_exact_partial_kernel(
     if split < body_splits:
         kivi_partial(Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, KS, KZ, sksb, sksh, sksn,
                      VS, VZ, svsb, svsh, svsn, BODY_LEN, O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv,
-                     split, split, body_splits, body_cap, N_REP, M, D, BITS, G, VG, BLOCK_N, KIVI_ASM, F16,
-                     PREFETCH, PDL)
+                     split, split, body_splits, body_cap, N_REP, max(8, N_REP), D, BITS, G, VG, BLOCK_N, VB,
+                     KIVI_ASM, PDL)
     else:
         exact_partial(Q, sqb, sqh, EK, sekb, sekh, sekn, EV, sevb, sevh, sevn, EXACT_LEN, EXACT_MASK,
                       O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv, split - body_splits, split, exact_splits,

@@ -145,16 +145,18 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return planes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
 
 
-# Tokens per block of 8-bit value codes. The decode kernel's P.V dot reduces over tokens, so it
-# wants each channel's tokens side by side: from token-major rows its operand is gathered out of
-# shared memory byte by byte (on an H200, 128 one-byte loads per thread per 32-token tile), and
-# with a fully channel-major layout each channel of a tile is a 32-byte piece of its own DRAM page.
-# A block of 32 tokens, channel-major inside, is one contiguous 4 KB tile (D = 128) and both.
+# Tokens per block of value codes (every format; KIVI blocks its packed bytes). The decode
+# kernels' P.V dot reduces over tokens, so it wants each channel's tokens side by side: from
+# token-major rows its operand is gathered out of shared memory byte by byte (on an H200, 128
+# one-byte loads per thread per 32-token int8 tile), and with a fully channel-major layout each
+# channel of a tile is a 32-byte piece of its own DRAM page. A block of 32 tokens, channel-major
+# inside, is one contiguous tile (4 KB for int8 at D = 128) and both.
 VALUE_BLOCK = 32
 
 
 def block_value_codes(codes: torch.Tensor) -> torch.Tensor:
-    """codes [B, H, L, D] (L a multiple of VALUE_BLOCK) -> [B, H, L / VALUE_BLOCK, D, VALUE_BLOCK]."""
+    """codes [B, H, L, X] (L a multiple of VALUE_BLOCK; X channels, or KIVI's packed bytes) ->
+    [B, H, L / VALUE_BLOCK, X, VALUE_BLOCK]."""
     b, h, n, d = codes.shape
     return codes.reshape(b, h, n // VALUE_BLOCK, VALUE_BLOCK, d).transpose(3, 4).contiguous()
 
@@ -189,9 +191,11 @@ class QuantizedBody(NamedTuple):
     [B, Hkv, L / VALUE_BLOCK, D, VALUE_BLOCK] (block_value_codes), k/v_scale [B, Hkv, L, 1], zeros
     None. Every code must be a valid one, also past body_len (fp8: no NaN pattern): the kernel
     reads a tile's value codes past the length and weights them by zero.
-    bits 4/2 (KIVI): k/v_codes uint8 [B, Hkv, L, D*bits/8] (planar), k_scale/k_zero
+    bits 4/2 (KIVI): k_codes uint8 [B, Hkv, L, D*bits/8] (planar, pack_codes), v_codes the
+    same packed bytes in blocks, [B, Hkv, L / VALUE_BLOCK, D*bits/8, VALUE_BLOCK], k_scale/k_zero
     [B, Hkv, L/key_group, D] (per channel over groups of key_group tokens), v_scale/v_zero
-    [B, Hkv, L, D/value_group] (per token over groups of value_group channels).
+    [B, Hkv, L, D/value_group] (per token over groups of value_group channels). L is a multiple
+    of VALUE_BLOCK for every format.
     """
     bits: int
     key_group: int  # KIVI: tokens per key group; 0 for int8/fp8 (no groups)
@@ -242,6 +246,6 @@ def dequantize_body(body: QuantizedBody, dtype=torch.float32):
     kg, vg = body.key_group, body.value_group
     k = dequantize_asymmetric(unpack_codes(body.k_codes, body.bits), expand_per_channel(body.k_scale, kg),
                               expand_per_channel(body.k_zero, kg), dtype)
-    v = dequantize_asymmetric(unpack_codes(body.v_codes, body.bits), expand_per_token_group(body.v_scale, vg),
+    v = dequantize_asymmetric(unpack_codes(unblock_value_codes(body.v_codes), body.bits), expand_per_token_group(body.v_scale, vg),
                               expand_per_token_group(body.v_zero, vg), dtype)
     return k, v

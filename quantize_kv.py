@@ -10,10 +10,10 @@ The most recent tokens are always the exact ones: nothing is quantized before it
 A decode step on the GPU quantizes what leaves (a token, or a completed group) in the same
 ring_append kernel that writes the new token; prefill chunks and the CPU do it in evict() below.
 
-Body layout: token-indexed tensors are [B, H, (n_groups + 1) * G, X] (G = evict_block, the +1
-group is a trash group for masked writes; int8/fp8 round the rows up to whole blocks of value
-codes, which are [B, H, rows / VALUE_BLOCK, D, VALUE_BLOCK], kv_quant.block_value_codes);
-per-group key parameters are [B, H, n_groups + 1, D].
+Body layout: token-indexed tensors are [B, H, rows, X], rows = (n_groups + 1) * G (G =
+evict_block, the +1 group is a trash group for masked writes) rounded up to whole blocks of
+value codes, which are [B, H, rows / VALUE_BLOCK, X, VALUE_BLOCK] (kv_quant.block_value_codes;
+X = D, or the packed bytes of KIVI); KIVI's per-group key parameters are [B, H, rows / G, D].
 """
 import torch
 
@@ -40,8 +40,7 @@ class QuantizedCache(SinkWindowCache):
         self.bits, self.key_group, self.value_group, self.fp8 = bits, key_group, value_group, fp8
         self.n_groups = -(-max(max_seq_length - sink_size, 1) // block)
         tokens = (self.n_groups + 1) * block
-        if bits == 8:  # whole blocks of value codes (kv_quant.VALUE_BLOCK)
-            tokens = -(-tokens // kq.VALUE_BLOCK) * kq.VALUE_BLOCK
+        tokens = -(-tokens // kq.VALUE_BLOCK) * kq.VALUE_BLOCK  # whole blocks of value codes (kv_quant.VALUE_BLOCK)
         b, h, d = batch_size, n_kv_heads, head_dim
         zeros = lambda *shape, dt=dtype: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
         if bits == 8:
@@ -55,8 +54,8 @@ class QuantizedCache(SinkWindowCache):
             packed = d * bits // 8
             buffers = dict(
                 k_codes=zeros(b, h, tokens, packed, dt=torch.uint8),
-                k_scale=zeros(b, h, self.n_groups + 1, d), k_zero=zeros(b, h, self.n_groups + 1, d),
-                v_codes=zeros(b, h, tokens, packed, dt=torch.uint8),
+                k_scale=zeros(b, h, tokens // key_group, d), k_zero=zeros(b, h, tokens // key_group, d),
+                v_codes=zeros(b, h, tokens // kq.VALUE_BLOCK, packed, kq.VALUE_BLOCK, dt=torch.uint8),
                 v_scale=zeros(b, h, tokens, d // value_group), v_zero=zeros(b, h, tokens, d // value_group),
             )
         for name, buf in buffers.items():

@@ -133,7 +133,7 @@ def _kernel():
         Q, sqb, sqh, QO, F,  # ROPE: query [B, Hq, D], its rotated copy (contiguous), RoPE rows [D/2, 2]
         EK, EV, seb, seh, sen,  # exact slots [B, Hkv, N, D] (k and v alike)
         KC, scb, sch, scn,  # key codes [B, Hkv, L, D] int8 or [B, Hkv, L, D * BITS / 8] packed
-        VC, svcb, svch, svcn,  # value codes: blocks [B, Hkv, L / VB, D, VB] (8-bit; svcn per block), else as KC
+        VC, svcb, svch, svcn,  # value codes in blocks [B, Hkv, L / VB, D or packed bytes, VB], svcn per block
         KS, KZ, kpb, kph, kpn,  # key scale [B, Hkv, L, 1] int8; key scale and zero [B, Hkv, L / G, D] KIVI
         VS, VZ, vpb, vph, vpn,  # value scale [B, Hkv, L, 1] int8; value scale and zero [B, Hkv, L, D / G] KIVI
         VALID, BODY_LEN,
@@ -245,7 +245,9 @@ def _kernel():
                     c, s_v, z_v = _asymmetric(x, lo_v, hi_v, VS.dtype.element_ty, BITS, SCALE_BITS)
                     c = tl.reshape(c, (CHUNK, 8 // BITS, W))  # channel order [CHUNK, D], split into planes
                     rows = c0 + rows0
-                    tl.store(VC + (b * svcb + h * svch + rows * svcn)[:, None] + byte[None, :], _pack(c, BITS))
+                    # kv_quant.write_token_rows: token row % VB of block row // VB, byte by byte
+                    blk = b * svcb + h * svch + (rows // VB) * svcn + rows % VB
+                    tl.store(VC + blk[:, None] + byte[None, :] * VB, _pack(c, BITS))
                     par_v = b * vpb + h * vph + rows[:, None, None] * vpn + grp[None, :, None]
                     tl.store(VS + par_v, s_v)
                     tl.store(VZ + par_v, z_v)
@@ -424,18 +426,19 @@ def _checked_op(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evict_block
     if k.is_cuda and (exact_k.stride(3) != 1 or exact_v.stride() != exact_k.stride() or D & (D - 1)):
         raise ValueError("ring_append: the kernel needs exact_k/v alike with contiguous rows, and a power-of-two head dim")
     if k.is_cuda and body is not None and not _kernel_takes(body, D):
-        raise ValueError("ring_append: the kernel needs rows contiguous (8-bit value codes: whole blocks); KIVI k and v "
-                         "codes alike, each scale like its zero, and groups that are powers of two dividing the head dim")
+        raise ValueError("ring_append: the kernel needs rows contiguous and value codes in whole blocks; KIVI scales "
+                         "each like its zero, and groups that are powers of two dividing the head dim")
     args = (None,) * 6 + (8, False, 0) if body is None else (*body.tensors(), body.bits, body.fp8, body.value_group)
     return _ring_append_op(pos, q, k, v, freqs, exact_k, exact_v, sink, window, evict_block, *args)
 
 
 def _kernel_takes(body, D: int) -> bool:
-    if body.bits == 8:  # value codes in whole contiguous blocks (kv_quant.block_value_codes)
-        blocks = body.v_codes.stride()[3:] == (kv_quant.VALUE_BLOCK, 1)
+    # value codes in whole contiguous blocks (kv_quant.block_value_codes)
+    blocks = body.v_codes.stride()[3:] == (kv_quant.VALUE_BLOCK, 1)
+    if body.bits == 8:
         return blocks and all(t.stride(3) == 1 for t in (body.k_codes, body.k_scale, body.v_scale))
     tensors = [t for t in body.tensors() if t is not None]
-    alike = body.k_codes.stride() == body.v_codes.stride() and all(t.stride(3) == 1 for t in tensors)
+    alike = blocks and all(t.stride(-1) == 1 for t in tensors)
     powers_of_two = all(g & (g - 1) == 0 for g in (body.key_group, body.value_group))
     return (alike and body.k_zero.stride() == body.k_scale.stride() and body.v_zero.stride() == body.v_scale.stride()
             and powers_of_two and D % body.value_group == 0)

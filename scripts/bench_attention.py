@@ -9,8 +9,8 @@ copy bandwidth. Every timed configuration is also checked against decode_attenti
 
 The KIVI modes int4 and int2 use the shipped groups (strategies.KIVI_GROUPS). --sweep times other
 (BLOCK_N, warps, stages) and split counts at batch 8 / 32K; --variants times each format with one
-of decode_kernels' switches flipped at a time (VARIANTS: the 8-bit conversions as plain casts;
-KIVI's scales loaded where used, bf16 dequantization, no PTX), to see what each stage costs;
+of decode_kernels' switches flipped at a time (VARIANTS: the 8-bit conversions as plain casts,
+KIVI's unpacking without PTX), to see what each stage costs;
 --sass writes each compiled kernel's SASS next to the JSON. --splits times every case with
 decode_kernels.MIN_SPLIT at each of SPLIT_SWEEP, --fill with FILL_WARPS_PER_SM at each of
 FILL_SWEEP. --capacity C sizes every cache for C
@@ -38,14 +38,12 @@ from strategies import KIVI_GROUPS
 HQ, HKV, D = 32, 8, 128
 # (BLOCK_N, num_warps, num_stages, waves) tried per format (decode_kernels.CONFIGS), the shipped
 # one first. The 8-bit formats near their chosen one-warp config (the wider sweep is in
-# docs/kernels.md); KIVI one-warp programs on 32- and 64-token tiles against the earlier 4-warp
-# ones (int2's 32-token key groups cap its tiles at 32: flash_decode keeps a tile within a group).
+# docs/kernels.md); KIVI one-warp programs on 32-token tiles (a tile lies in one block of value
+# codes, kv_quant.VALUE_BLOCK) at other pipeline depths and programs per SM.
 SWEEP = {
     "bf16": [(64, 4, 3, 8), (64, 4, 4, 8), (128, 4, 3, 8), (128, 8, 3, 8), (64, 4, 4, 16)],
     **{m: [(32, 1, 3, 16), (32, 1, 2, 16), (32, 1, 3, 8)] for m in ("int8", "fp8")},
-    "int4": [(32, 1, 3, 16), (32, 1, 2, 16), (32, 1, 3, 8), (64, 1, 2, 16), (64, 2, 3, 8), (64, 4, 3, 8),
-             (128, 4, 3, 8)],
-    "int2": [(32, 1, 3, 16), (32, 1, 2, 16), (32, 1, 3, 8), (32, 4, 3, 8)],
+    **{m: [(32, 1, 3, 16), (32, 1, 2, 16), (32, 1, 4, 16), (32, 1, 3, 8), (32, 1, 3, 12)] for m in ("int4", "int2")},
 }
 RESIDUAL = 64  # exact slots after a quantized body (valid of 128)
 # mode -> (bits, (key group, value group)): the KIVI modes with their shipped groups.
@@ -60,7 +58,7 @@ SPLIT_SWEEP = (256, 512, 1024, 2048, 4096)
 FILL_SWEEP = (4, 8, 16, 32)
 # What --variants flips per format, one at a time (module switches of decode_kernels).
 VARIANTS = {"int8": ("CONVERT_ASM",), "fp8": ("CONVERT_ASM",),
-            **{m: ("KIVI_PREFETCH", "KIVI_F16", "KIVI_ASM") for m in ("int4", "int2")}}
+            **{m: ("KIVI_ASM",) for m in ("int4", "int2")}}
 MODES = ("bf16", *MODE_BITS)
 REL_TOL = 1e-2  # kernel vs reference in bf16 (tests/test_decode_attention.py says why)
 L2_ROTATE_BYTES = 256 << 20  # rotate input sets until this many bytes: timings past the 50 MB L2
@@ -101,7 +99,7 @@ def make_body(B, L, bits, groups) -> kv_quant.QuantizedBody:
     kc, ks, kz = kv_quant.quantize_asymmetric_per_channel(k.reshape(B, HKV, L // kg, kg, D), bits, torch.bfloat16)
     vc, vs, vz = kv_quant.quantize_asymmetric_per_token_group(v, bits, vg, torch.bfloat16)
     return kv_quant.QuantizedBody(bits, kg, vg, kv_quant.pack_codes(kc.reshape(B, HKV, L, D), bits), ks.squeeze(-2),
-                                  kz.squeeze(-2), kv_quant.pack_codes(vc, bits), vs, vz)
+                                  kz.squeeze(-2), kv_quant.block_value_codes(kv_quant.pack_codes(vc, bits)), vs, vz)
 
 
 def make_inputs(B, S, mode, capacity=None):

@@ -6,9 +6,9 @@ Tolerances (relative norm ||out - ref|| / ||ref||):
 - reference vs float64 on bf16 inputs: 1e-2. The reference rounds its output to bf16 (2**-9
   relative per element).
 - kernel vs reference (GPU, bf16): 1e-2. The kernel feeds P to the tensor cores in bf16, or for
-  int8/fp8 and KIVI q and P in fp16 (2**-11; KIVI's dequantized keys and values rounded once to
-  fp16, or to bf16 with decode_kernels.KIVI_F16 off), and rounds the output to bf16; each is a
-  2**-9 relative rounding at worst, and they average out over the sum.
+  int8/fp8 and KIVI q and P in fp16 (2**-11; KIVI's q and P times a key or value scale rounded
+  once to fp16, the scale's error times a code of at most 2**BITS steps), and rounds the output
+  to bf16; each is a 2**-9 relative rounding at worst, and they average out over the sum.
 """
 import math
 
@@ -47,7 +47,7 @@ def quantize_kivi(k, v, bits, kg, vg, dtype):
     kc, ks, kz = kv_quant.quantize_asymmetric_per_channel(k.reshape(B, Hkv, L // kg, kg, D), bits, dtype)
     kc = kv_quant.pack_codes(kc.reshape(B, Hkv, L, D), bits)
     vc, vs, vz = kv_quant.quantize_asymmetric_per_token_group(v, bits, vg, dtype)
-    vc = kv_quant.pack_codes(vc, bits)
+    vc = kv_quant.block_value_codes(kv_quant.pack_codes(vc, bits))
     return QuantizedBody(bits, kg, vg, kc, ks.squeeze(-2), kz.squeeze(-2), vc, vs, vz)
 
 
@@ -63,14 +63,15 @@ def _unpack64(packed, bits):
 
 
 def _dequant64(body):
+    # Value codes out of their blocks ([L / 32, D or packed bytes, 32]: block, channel, token) by
+    # explicit indexing.
+    t = torch.arange(body.k_codes.shape[2])
+    v_codes = body.v_codes[:, :, t // 32, :, t % 32].permute(1, 2, 0, 3)  # [L, B, Hkv, X] -> [B, Hkv, L, X]
     if body.bits == 8:
-        # Value codes out of their blocks ([L / 32, D, 32]: block, channel, token) by explicit indexing.
-        t = torch.arange(body.k_codes.shape[2])
-        v_codes = body.v_codes[:, :, t // 32, :, t % 32].permute(1, 2, 0, 3)  # [L, B, Hkv, D] -> [B, Hkv, L, D]
         codes = (body.k_codes, v_codes)
         k, v = (kv_quant.fp8_codes_as_float(c).double() if body.fp8 else c.double() for c in codes)
         return k * body.k_scale.double(), v * body.v_scale.double()
-    kc, vc = _unpack64(body.k_codes, body.bits), _unpack64(body.v_codes, body.bits)
+    kc, vc = _unpack64(body.k_codes, body.bits), _unpack64(v_codes, body.bits)
     L, D = kc.shape[2], kc.shape[3]
     tok_group = torch.arange(L) // body.key_group
     ch_group = torch.arange(D) // body.value_group
@@ -362,13 +363,15 @@ def test_exact_slots_behind_a_body_one_tile_per_split_interpreted(triton_interpr
 
 
 KIVI_TILES = [
-    # bits, (key group, value group), (BLOCK_N, num_warps): the shipped groups with the tiles the
-    # benchmark sweeps (one-warp 32 and 64, four-warp 128), and groups wider than a plane
+    # bits, (key group, value group), (BLOCK_N, num_warps): the shipped groups and tile, the tile
+    # across warps, value groups wider than a plane and four to a plane, key groups of half a
+    # tile (a tile of 16 tokens: half a block of value codes)
     (4, (128, 32), (32, 1)),
-    (4, (128, 32), (64, 1)),
-    (4, (128, 32), (128, 4)),
+    (4, (128, 32), (32, 4)),
     (2, (32, 32), (32, 1)),
-    (2, (64, 64), (64, 2)),
+    (2, (64, 64), (32, 2)),
+    (4, (32, 16), (32, 1)),
+    (4, (16, 128), (16, 1)),
 ]
 
 
@@ -386,20 +389,17 @@ def skewed_kivi_body(gen, B, Hkv, L, D, bits, kg, vg, dtype):
     return quantize_kivi(k, v, bits, kg, vg, dtype)
 
 
-def _check_kivi_tiles(monkeypatch, kivi, f16, prefetch, device):
-    """The KIVI kernel with a tile (BLOCK_N, warps), its scales and zeros loaded a tile ahead or
-    where used, dequantized into fp16 or bf16 (decode_kernels.KIVI_PREFETCH, KIVI_F16), against
-    the reference on a skewed body (NaN value parameters past the length)."""
+def _check_kivi_tiles(monkeypatch, kivi, device):
+    """The KIVI kernel with a tile (BLOCK_N, warps) against the reference on a skewed body (NaN
+    value parameters past the length)."""
     import decode_kernels
     from decode_kernels import flash_decode
 
     bits, (kg, vg), (block_n, warps) = kivi
-    # Four splits of 192 tokens (256 for 128-token tiles): each crosses a key group boundary, the
-    # second starts inside a 128-token group, the last ends inside a tile.
+    # Four splits of 192 tokens: each crosses a key group boundary, the second starts inside a
+    # 128-token group, the last ends inside a tile.
     D, L, body_len = 128, 768, 700
     monkeypatch.setitem(decode_kernels.CONFIGS, (f"int{bits}", D), (block_n, warps, 3, 16))
-    monkeypatch.setattr(decode_kernels, "KIVI_F16", f16)
-    monkeypatch.setattr(decode_kernels, "KIVI_PREFETCH", prefetch)
     monkeypatch.setattr(decode_kernels, "MIN_SPLIT", 192)
     monkeypatch.setattr(decode_kernels, "FILL_WARPS_PER_SM", 0)  # splits of MIN_SPLIT, however few
     monkeypatch.setattr(decode_kernels, "_sm_count", lambda device: 132)  # the same splits on every GPU
@@ -425,12 +425,10 @@ def kivi_tile_id(case):
 
 
 @interp
-@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "load_at_use"])
-@pytest.mark.parametrize("f16", [True, False], ids=["f16", "bf16"])
 @pytest.mark.parametrize("kivi", KIVI_TILES, ids=kivi_tile_id)
-def test_kivi_tiles_interpreted(triton_interpreter, monkeypatch, kivi, f16, prefetch):
-    """Each swept KIVI tile and switch under the interpreter (the portable arithmetic)."""
-    _check_kivi_tiles(monkeypatch, kivi, f16, prefetch, "cpu")
+def test_kivi_tiles_interpreted(triton_interpreter, monkeypatch, kivi):
+    """Each KIVI tile under the interpreter (the portable arithmetic)."""
+    _check_kivi_tiles(monkeypatch, kivi, "cpu")
 
 
 def _check_rising_scores(monkeypatch, bits, groups, device):
@@ -438,8 +436,8 @@ def _check_rising_scores(monkeypatch, bits, groups, device):
     lazy-rescale threshold until they add up) and then in one jump of about 40, and, for the 8-bit
     formats, whose values grow 1e5-fold and then shrink to 1e-5 of their start (the 8-bit
     kernel's product scale must follow them, or fp16 overflows), read by one split per head: KIVI's
-    running max moves late and seldom (decode_kernels.online_softmax_lazy), and the output must
-    still match the float64 oracle on the same codes."""
+    running max moves late and seldom (the lazy max of decode_kernels_kivi.kivi_partial), and the
+    output must still match the float64 oracle on the same codes."""
     import decode_kernels
     from decode_kernels import flash_decode
 
@@ -454,7 +452,7 @@ def _check_rising_scores(monkeypatch, bits, groups, device):
     rise = 0.6 * t / 32 + 40.0 * (t >= 400)  # in units of q.u / sqrt(D): roughly log2 units per tile
     k = torch.randn(B, Hkv, L, D, generator=gen) * 0.5 + rise[None, None, :, None] * u[:, :, None, :] * 2.5
     v = torch.randn(B, Hkv, L, D, generator=gen)
-    if bits in (8, "fp8"):  # (KIVI dequantizes values in fp16: no such range there)
+    if bits in (8, "fp8"):  # (KIVI's P times a value scale is fp16: no such range there)
         v = v * torch.where(t < 160, 1.0, torch.where(t < 320, 1e5, 1e-5))[None, None, :, None]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if bits in (8, "fp8"):
@@ -542,13 +540,13 @@ def test_kernel_with_body(B, length, shape, body):
 
 
 @gpu
-@pytest.mark.parametrize("switch", ["KIVI_ASM", "KIVI_F16", "KIVI_PREFETCH", "CONVERT_ASM"])
+@pytest.mark.parametrize("switch", ["KIVI_ASM", "CONVERT_ASM"])
 @pytest.mark.parametrize("body", [(4, 32), (2, 32), (4, 128), (2, 128), (4, 64), (4, 16), (4, (128, 32)), (8, 1),
                                   ("fp8", 1)])
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_kernel_portable_paths(shape, body, switch, monkeypatch):
-    """Each switch off: the plain-cast paths (the interpreter's, an A100's fp8), KIVI's bf16
-    dequantization, KIVI's scales loaded where used."""
+    """Each switch off: the plain-cast paths (the interpreter's, an A100's fp8), KIVI's unpacking
+    with plain ops."""
     import decode_kernels
 
     monkeypatch.setattr(decode_kernels, switch, False)
@@ -559,12 +557,10 @@ def test_kernel_portable_paths(shape, body, switch, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "load_at_use"])
-@pytest.mark.parametrize("f16", [True, False], ids=["f16", "bf16"])
 @pytest.mark.parametrize("kivi", KIVI_TILES, ids=kivi_tile_id)
-def test_kivi_tiles(monkeypatch, kivi, f16, prefetch):
-    """Each swept KIVI tile and switch on the GPU (the PTX)."""
-    _check_kivi_tiles(monkeypatch, kivi, f16, prefetch, "cuda")
+def test_kivi_tiles(monkeypatch, kivi):
+    """Each KIVI tile on the GPU (the PTX)."""
+    _check_kivi_tiles(monkeypatch, kivi, "cuda")
 
 
 @gpu

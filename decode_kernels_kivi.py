@@ -16,10 +16,13 @@ the accumulators are a quarter of [16, D].
 
 Codes become a float f built from their bits (exact, fp16): keys f = 1024 + code * 2**(plane *
 BITS) (the plane's bits left where they are, under the exponent of 1024: no shift), values f = 1
-+ code / 2**BITS (the code under the top of the mantissa). No code is dequantized:
++ code / 2**BITS (the code under the top of the mantissa). No value is dequantized, and no key of
+a group longer than a tile:
 - a key group's scale and zero are per channel: its scale is folded into q once per group (q * a,
   a = scale / 2**(plane * BITS)), and the offset of f and the zeros into one [NH] term added to
-  the group's scores (_fold_keys);
+  the group's scores (_fold_keys). A group of one tile (int2's 32 tokens) would fold on every
+  tile, which costs more than one fp16 FMA per key code: its keys are unpacked as values are and
+  dequantized, k = f * a + b (a = 2**BITS * scale, b = zero - a), and q stays as it is;
 - a value's scale and zero are per token and value group: value = f * a + b (a = 2**BITS * scale,
   b = zero - a), so P . V = (P * a) . f + P . b, with P * a rounded to fp16 for each group (its
   rounding multiplied by f < 2) and P . b for every group, with the sum of P beside it (a row of
@@ -261,6 +264,15 @@ def kivi_partial(
         # The key group's scales and zeros folded into q once per group (below: where a tile
         # starts one), not once per tile.
         folded, c = _fold_keys(q_planes, kp_next, BITS)
+    else:
+        # Where every tile's key dots start: zeros, made by dots of every plane of q with a
+        # loaded key tile times 0, so that q's conversion to the dots' operand layout has a user
+        # outside the loop and stays there (decode_kernels.score_start says why).
+        kb0 = tl.load(k_base + offs_n0[:, None] * skn + offs_p[None, :], mask=offs_n0[:, None] < cap, other=0)
+        f0 = _unpack(kb0, BITS, False, KIVI_ASM)
+        s_start = tl.zeros([BLOCK_N, NH], tl.float32)
+        for i in tl.static_range(NPL):
+            s_start = tl.dot(f0[i] * 0.0, q_planes[i], s_start)
     for t in range(0, n_tiles):
         n0 = tl.multiple_of(tile_start(t, first, n_tiles, start, BLOCK_N), BLOCK_N)
         offs_n = n0 + offs_n0
@@ -273,16 +285,25 @@ def kivi_partial(
         vp_next = _value_params(vs_base, vz_base, n_next + offs_n0, ok_next, svsn, NG, NB, BITS)
         # ---- scores [BLOCK_N, NH], base 2 ----
         kb = tl.load(k_base + offs_n[:, None] * skn + offs_p[None, :], mask=ok_n[:, None], other=0)  # [BLOCK_N, DP]
-        fk = _unpack(kb, BITS, True, KIVI_ASM)
         if G == BLOCK_N:
-            folded, c = _fold_keys(q_planes, kp, BITS)
-        elif ((n0 % G == 0) | (n0 == start)) & (t != 0):
-            # a group's first tile, or the wrap back to start (which may be inside a group)
-            folded, c = _fold_keys(q_planes, kp, BITS)
-        s = tl.dot(fk[0], folded[0])
-        for i in tl.static_range(1, NPL):
-            s = tl.dot(fk[i], folded[i], s)
-        s = tl.where(ok_n[:, None], s + c[None, :], float("-inf"))
+            # A key group of one tile: its keys dequantized, k = f * a + b per channel (f = 1 +
+            # code / 2**BITS, a = 2**BITS * scale, b = zero - a), one fp16 FMA per code; q
+            # stays as it is.
+            fk = _unpack(kb, BITS, False, KIVI_ASM)
+            s = s_start
+            for i in tl.static_range(NPL):
+                ka = kp[i][0].to(tl.float32) * (1 << BITS)
+                kz = (kp[i][1].to(tl.float32) - ka).to(tl.float16)
+                s = tl.dot(fk[i] * ka.to(tl.float16)[None, :] + kz[None, :], q_planes[i], s)
+        else:
+            fk = _unpack(kb, BITS, True, KIVI_ASM)
+            if ((n0 % G == 0) | (n0 == start)) & (t != 0):
+                # a group's first tile, or the wrap back to start (which may be inside a group)
+                folded, c = _fold_keys(q_planes, kp, BITS)
+            s = tl.dot(fk[0], folded[0], c[None, :] + tl.zeros([BLOCK_N, NH], tl.float32))
+            for i in tl.static_range(1, NPL):
+                s = tl.dot(fk[i], folded[i], s)
+        s = tl.where(ok_n[:, None], s, float("-inf"))
         # A lazy running max: it moves only when some score passes it by more than RESCALE_LOG2,
         # so p stays below 2**RESCALE_LOG2 (fp16 holds it) and most tiles of a long split skip
         # the accumulators' rescale and the max's reductions: one warp-wide test of the scores.

@@ -25,8 +25,8 @@ a group longer than a tile:
   dequantized, k = f * a + b (a = 2**BITS * scale, b = zero - a), and q stays as it is;
 - a value's scale and zero are per token and value group: value = f * a + b (a = 2**BITS * scale,
   b = zero - a), so P . V = (P * a) . f + P . b, with P * a rounded to fp16 for each group (its
-  rounding multiplied by f < 2) and P . b for every group, with the sum of P beside it (a row of
-  ones), one small dot per tile.
+  rounding multiplied by f < 2); P . b, and the softmax's sum of P, are summed per element of the
+  score tile in fp32 and over its tokens once, after the loop.
 KIVI_ASM unpacks in packed-register PTX (keys about 0.6 instructions per code, values 1.1);
 without it (the interpreter) the same arithmetic is written with plain ops in fp32.
 """
@@ -88,13 +88,6 @@ def _replace(items, k: tl.constexpr, new):
 
 
 @triton.jit
-def _row(x, i: tl.constexpr):
-    """Row i of a 2-D tensor (fp32), as a 1-D tensor along its columns."""
-    rows = tl.arange(0, x.shape[0])
-    return tl.sum(tl.where(rows[:, None] == i, x.to(tl.float32), 0.0), axis=0)
-
-
-@triton.jit
 def _load_q_planes(q_cols, h_ok, qk_scale, DP: tl.constexpr, NPL: tl.constexpr):
     """q transposed, one [DP, NH] fp16 tensor per plane (plane i: channels [i * DP, (i + 1) * DP)),
     prescaled (softmax scale, log2 e) and rounded once, so that the scores leave the dots in log2
@@ -144,21 +137,18 @@ def _fold_keys(q_planes, params, BITS: tl.constexpr):
 
 
 @triton.jit
-def _value_params(VS, VZ, offs_n, ok, svsn, NG: tl.constexpr, NB: tl.constexpr, BITS: tl.constexpr):
+def _value_params(VS, VZ, offs_n, ok, svsn, NG: tl.constexpr, BITS: tl.constexpr):
     """The value scales and zeros of tokens offs_n [BLOCK_N], as P.V takes them (value = f * a +
-    b, f = 1 + code / 2**BITS): (a per group, a tuple of NG [BLOCK_N] fp32, a = 2**BITS * scale;
-    rows [NB, BLOCK_N] fp16: b = zero - a rounded once for each group, then a row of ones, which
-    sums the probabilities in the same dot, then zeros). Each group's a is a load of its own: in
-    the tile of all groups they would lie in different threads, and taking a row out of it costs
-    a reduction across the warp."""
+    b, f = 1 + code / 2**BITS): two tuples of NG [BLOCK_N] fp32, a = 2**BITS * scale and b = zero
+    - a per group. Each group's is a load of its own: in a tile of all groups they would lie in
+    different threads, and taking a column out of it costs a reduction across the warp."""
     a = ()
+    b = ()
     for g in tl.static_range(NG):
-        a = a + (tl.load(VS + offs_n * svsn + g, mask=ok, other=0.0).to(tl.float32) * (1 << BITS),)
-    rows = tl.arange(0, NB)[:, None]
-    offs = offs_n[None, :] * svsn + rows
-    scale = tl.load(VS + offs, mask=ok[None, :] & (rows < NG), other=0.0).to(tl.float32)
-    zero = tl.load(VZ + offs, mask=ok[None, :] & (rows < NG), other=0.0).to(tl.float32)
-    return a, tl.where(rows == NG, 1.0, zero - scale * (1 << BITS)).to(tl.float16)
+        a_g = tl.load(VS + offs_n * svsn + g, mask=ok, other=0.0).to(tl.float32) * (1 << BITS)
+        a = a + (a_g,)
+        b = b + (tl.load(VZ + offs_n * svsn + g, mask=ok, other=0.0).to(tl.float32) - a_g,)
+    return a, b
 
 
 # ---- portable path (plain ops in fp32; the interpreter's) ----
@@ -249,16 +239,19 @@ def kivi_partial(
 
     m_i = tl.full([NH], float("-inf"), tl.float32)
     accs = (tl.zeros([GV, NH], tl.float32),) * (NPL * NGP)  # plane i, part j: channels i * DP + j * GV + [0, GV)
-    # Sums over tokens per query head: of p * b for each value group (rows [0, NG)), and of p (row
-    # NG: the softmax's denominator).
-    NB: tl.constexpr = triton.next_power_of_2(NG + 1)
-    sums = tl.zeros([NB, NH], tl.float32)
+    # Sums over tokens per query head of p (the softmax's denominator) and of p * b for each value
+    # group, kept per element of the score tile and summed over its tokens once, after the loop:
+    # a sum over the tile's tokens every tile is a reduction across the warp, and a dot for them
+    # (a row of ones beside b) needs P in another layout, through shared memory (one layer, int4
+    # at batch 8 / 32K: 0.1268 ms with that dot, 0.1149 without; docs/kernels.md).
+    l_part = tl.zeros([BLOCK_N, NH], tl.float32)
+    b_parts = (tl.zeros([BLOCK_N, NH], tl.float32),) * NG
 
     n_tiles, first = tile_order(split, start, end, BLOCK_N)  # tiles visited from `first` on, wrapping
     n_first = tile_start(0, first, n_tiles, start, BLOCK_N)
     # The scales and zeros are loaded one tile ahead: the pipeliner stages only the code tiles
     # the dots read, so a parameter loaded where it is used exposes a whole memory latency.
-    vp_next = _value_params(vs_base, vz_base, n_first + offs_n0, (n_first + offs_n0) < end, svsn, NG, NB, BITS)
+    vp_next = _value_params(vs_base, vz_base, n_first + offs_n0, (n_first + offs_n0) < end, svsn, NG, BITS)
     kp_next = _key_params(ks_base, kz_base, n_first, cap, sksn, G, DP, NPL)
     if G != BLOCK_N:
         # The key group's scales and zeros folded into q once per group (below: where a tile
@@ -282,7 +275,7 @@ def kivi_partial(
         n_next = tile_start(t + 1, first, n_tiles, start, BLOCK_N)
         kp_next = _key_params(ks_base, kz_base, n_next, cap, sksn, G, DP, NPL)
         ok_next = (n_next + offs_n0) < tl.where(t + 1 < n_tiles, end, 0)  # none after the last
-        vp_next = _value_params(vs_base, vz_base, n_next + offs_n0, ok_next, svsn, NG, NB, BITS)
+        vp_next = _value_params(vs_base, vz_base, n_next + offs_n0, ok_next, svsn, NG, BITS)
         # ---- scores [BLOCK_N, NH], base 2 ----
         kb = tl.load(k_base + offs_n[:, None] * skn + offs_p[None, :], mask=ok_n[:, None], other=0)  # [BLOCK_N, DP]
         if G == BLOCK_N:
@@ -313,11 +306,15 @@ def kivi_partial(
             alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
             for k in tl.static_range(NPL * NGP):
                 accs = _replace(accs, k, accs[k] * alpha[None, :])
-            sums = sums * alpha[None, :]
+            l_part = l_part * alpha[None, :]
+            for g in tl.static_range(NG):
+                b_parts = _replace(b_parts, g, b_parts[g] * alpha[None, :])
             m_i = m_new
         p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
         # ---- values: value = f * a + b per token and group, a folded into P ----
-        sums = tl.dot(vb, p.to(tl.float16), sums)
+        l_part += p
+        for g in tl.static_range(NG):
+            b_parts = _replace(b_parts, g, b_parts[g] + p * vb[g][:, None])
         p_groups = ()
         for g in tl.static_range(NG):
             p_groups = p_groups + ((p * va[g][:, None]).to(tl.float16),)
@@ -333,11 +330,11 @@ def kivi_partial(
 
     # ---- this split's normalized output and log2-sum-exp ----
     pdl.let_dependents_launch(PDL)
-    inv_l, out_ok = finish_split(m_i, _row(sums, NG), LSE, b * sl_b + heads * sl_h + sp, start, end, N_REP, NH)
+    inv_l, out_ok = finish_split(m_i, tl.sum(l_part, axis=0), LSE, b * sl_b + heads * sl_h + sp, start, end, N_REP, NH)
     o_cols = O + b * so_b + heads * so_h + sp * so_s  # [NH]
     for i in tl.static_range(NPL):
         for j in tl.static_range(NGP):
-            o = (accs[i * NGP + j] + _row(sums, (i * DP + j * GV) // VG)[None, :]) * inv_l[None, :]
+            o = (accs[i * NGP + j] + tl.sum(b_parts[(i * DP + j * GV) // VG], axis=0)[None, :]) * inv_l[None, :]
             tl.store(o_cols[None, :] + (i * DP + j * GV + offs_gv)[:, None], o, mask=out_ok[None, :])
 
 

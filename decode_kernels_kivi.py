@@ -163,7 +163,7 @@ def _plane_codes(packed, I: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _key_plane_codes(packed, I: tl.constexpr, BITS: tl.constexpr):
     """Plane I of a packed key tile as fp32 1024 + code * 2**(I * BITS), exact: the plane's bits
-    left in place under the exponent of 1024, as _unpack_key_planes."""
+    left in place under the exponent of 1024, as _unpack's PTX for keys."""
     c = packed.to(tl.int32) & (((1 << BITS) - 1) << (I * BITS))
     return ((c << 13) | 0x44800000).to(tl.float32, bitcast=True)
 
@@ -172,8 +172,8 @@ def _key_plane_codes(packed, I: tl.constexpr, BITS: tl.constexpr):
 def _unpack(packed, BITS: tl.constexpr, KEYS: tl.constexpr, KIVI_ASM: tl.constexpr):
     """Every plane of a packed uint8 tile as fp16 f, exact, a tuple of 8 // BITS: keys 1024 +
     code * 2**(plane * BITS), values 1 + code / 2**BITS. KIVI_ASM: packed-register PTX (keys about
-    0.6 instructions per code, values 1.1: nothing multiplies a key element by element, the fold
-    scales q, so its bits may stay where they are); else plain ops in fp32."""
+    0.6 instructions per code, values 1.1: nothing multiplies a key of a folded group element by
+    element, the fold scales q, so its bits may stay where they are); else plain ops in fp32."""
     if KIVI_ASM:
         if KEYS:
             asm: tl.constexpr = _UNPACK4_KEYS_ASM if BITS == 4 else _UNPACK2_KEYS_ASM
@@ -358,8 +358,8 @@ def kivi_and_exact_partial_kernel(
     if split < body_splits:
         kivi_partial(Q, sqb, sqh, K, skb, skh, skn, V, svb, svh, svn, KS, KZ, sksb, sksh, sksn,
                      VS, VZ, svsb, svsh, svsn, BODY_LEN, O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv,
-                     split, split, body_splits, body_cap, N_REP, max(8, N_REP), D, BITS, G, VG, BLOCK_N, VB,
-                     KIVI_ASM, PDL)
+                     split, split, body_splits, body_cap, N_REP, triton.next_power_of_2(max(8, N_REP)), D, BITS, G, VG,
+                     BLOCK_N, VB, KIVI_ASM, PDL)
     else:
         exact_partial(Q, sqb, sqh, EK, sekb, sekh, sekn, EV, sevb, sevh, sevn, EXACT_LEN, EXACT_MASK,
                       O, LSE, so_b, so_h, so_s, sl_b, sl_h, qk_scale, Hkv, split - body_splits, split, exact_splits,

@@ -178,6 +178,8 @@ def test_bad_arguments_are_reported():
         decode_attention(q, k, v, el, torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="v_scale"):
         decode_attention(q, k, v, el, None, body._replace(v_scale=body.v_scale[..., :1]), bl)
+    with pytest.raises(ValueError, match="whole blocks of 32 tokens"):  # KIVI's packed bytes token-major
+        decode_attention(q, k, v, el, None, body._replace(v_codes=kv_quant.unblock_value_codes(body.v_codes)), bl)
     q, k, v, el, mask, body, bl = _case(4, 1, 2, 2, 64, 16, 9, False, 8, 1, 64, 40, torch.float32)
     with pytest.raises(ValueError, match="whole blocks of 32 tokens"):  # token-major rows, not blocks
         decode_attention(q, k, v, el, None, body._replace(v_codes=kv_quant.unblock_value_codes(body.v_codes)), bl)

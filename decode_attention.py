@@ -119,30 +119,26 @@ def _check_args(q, k, v, exact_len, exact_mask, body, body_len):
                + f", got {tuple(t.shape)}")
         _check(t.stride(-1) == 1, f"body.{name} must be contiguous in the last dim")
     _check(body.k_scale.dtype == q.dtype and body.v_scale.dtype == q.dtype, "body scales must be in q's dtype")
+    _check(body.bits in (8, 4, 2), f"body.bits must be 8, 4 or 2, got {body.bits}")
+    # Bytes per token: a code per channel, or KIVI's packed codes (kv_quant.pack_codes).
+    row = D if body.bits == 8 else D * body.bits // 8
+    vb = kv_quant.VALUE_BLOCK
+    _check(body.k_codes.shape == want + (row,), f"{body.format} key codes must be [B, Hkv, L, {row}]")
+    _check(L % vb == 0 and body.v_codes.shape == (B, Hkv, L // vb, row, vb) and body.v_codes.stride(3) == vb,
+           f"{body.format} value codes must be whole blocks of {vb} tokens, [B, Hkv, L / {vb}, {row}, {vb}] "
+           f"(kv_quant.block_value_codes), with L = {L} a multiple of {vb}")
     if body.bits == 8:
         code_dtype = torch.uint8 if body.fp8 else torch.int8
         _check(body.k_codes.dtype == code_dtype and body.v_codes.dtype == code_dtype,
                f"{body.format} codes must be {code_dtype} ({'e4m3 bit patterns' if body.fp8 else 'int8'})")
-        vb = kv_quant.VALUE_BLOCK
-        _check(body.k_codes.shape == want + (D,), "bits 8 key codes must be [B, Hkv, L, D]")
-        _check(L % vb == 0 and body.v_codes.shape == (B, Hkv, L // vb, D, vb) and body.v_codes.stride(3) == vb,
-               f"bits 8 value codes must be whole blocks of {vb} tokens, [B, Hkv, L / {vb}, D, {vb}] "
-               f"(kv_quant.block_value_codes), with L = {L} a multiple of {vb}")
         _check(body.k_scale.shape == want + (1,) and body.v_scale.shape == want + (1,), "bits 8 scales must be [B, Hkv, L, 1]")
         return
-    _check(body.bits in (4, 2), f"body.bits must be 8, 4 or 2, got {body.bits}")
     kg, vg = body.key_group, body.value_group
     _check(kg >= 16 and kg & (kg - 1) == 0, f"key_group {kg} must be a power of two >= 16")
     _check(vg >= 16 and vg & (vg - 1) == 0 and D % vg == 0, f"value_group {vg} must be a power of two >= 16 dividing D={D}")
-    vb = kv_quant.VALUE_BLOCK
-    _check(L % kg == 0 and L % vb == 0, f"body capacity {L} must be a multiple of key_group {kg} and of {vb}")
-    dp = D * body.bits // 8
+    _check(L % kg == 0, f"body capacity {L} must be a multiple of key_group {kg}")
     _check(body.k_codes.dtype == torch.uint8 and body.v_codes.dtype == torch.uint8, "bits 4/2 codes must be uint8")
-    _check(body.k_codes.shape == want + (dp,), f"packed key codes must be [B, Hkv, L, {dp}]")
-    _check(body.v_codes.shape == (B, Hkv, L // vb, dp, vb) and body.v_codes.stride(3) == vb,
-           f"packed value codes must be whole blocks of {vb} tokens, [B, Hkv, L / {vb}, {dp}, {vb}] "
-           f"(kv_quant.block_value_codes)")
-    _check(dp >= 16 or not q.is_cuda, f"packed rows of {dp} bytes are too narrow for the kernel (D={D}, bits={body.bits})")
+    _check(row >= 16 or not q.is_cuda, f"packed rows of {row} bytes are too narrow for the kernel (D={D}, bits={body.bits})")
     _check(body.k_zero is not None and body.v_zero is not None, "bits 4/2 need k_zero and v_zero")
     _check(body.k_scale.shape == (B, Hkv, L // kg, D) and body.k_zero.shape == body.k_scale.shape,
            f"k_scale/k_zero must be [B, Hkv, L/{kg}, D]")

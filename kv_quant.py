@@ -246,6 +246,7 @@ def dequantize_body(body: QuantizedBody, dtype=torch.float32):
     kg, vg = body.key_group, body.value_group
     k = dequantize_asymmetric(unpack_codes(body.k_codes, body.bits), expand_per_channel(body.k_scale, kg),
                               expand_per_channel(body.k_zero, kg), dtype)
-    v = dequantize_asymmetric(unpack_codes(unblock_value_codes(body.v_codes), body.bits), expand_per_token_group(body.v_scale, vg),
-                              expand_per_token_group(body.v_zero, vg), dtype)
+    v_codes = unpack_codes(unblock_value_codes(body.v_codes), body.bits)
+    v = dequantize_asymmetric(v_codes, expand_per_token_group(body.v_scale, vg), expand_per_token_group(body.v_zero, vg),
+                              dtype)
     return k, v

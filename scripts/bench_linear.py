@@ -36,11 +36,12 @@ from scripts.benchmark import copy_bandwidth
 ROTATE_BYTES = 256 << 20  # weight copies until this many bytes: timings past the 50 MB L2
 REL_TOL = 1e-2  # bf16 output against the fp32-accumulated reference: a few bf16 ulps
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split_k): the tensor-core path (BLOCK_M 16)
-# for every row count, the CUDA-core path (BLOCK_M 1) for batch 1.
+# for every row count, the CUDA-core path (BLOCK_M 1) for batch 1, whose stages are its tiles in
+# flight per program (1, or 2: the loads one tile ahead).
 DOT_GRID = [(16, bn, bk, w, st, sp) for bn in (16, 32, 64, 128) for bk in (128, 256, 512)
             for w in ((4,) if bn <= 32 else (4, 8)) for st in (3, 4) for sp in (1, 2, 4)]
-FMA_GRID = [(1, bn, bk, w, st, sp) for bn in (8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8)
-            for st in (1, 3) for sp in (1, 2)]
+FMA_GRID = [(1, bn, bk, w, st, sp) for bn in (8, 16, 32) for bk in (256, 512, 1024, 2048) for w in (4, 8)
+            for st in (1, 2) for sp in (1, 2)]
 
 
 GATED = "w1+w3"  # the gate and up pair: two [N, K] matrices in one kernel
@@ -60,22 +61,23 @@ def matrices(preset: str, tp: int) -> dict[str, tuple[int, int]]:
     }
 
 
-def candidates(n: int, k: int, esize: int, rows: int, gated: bool) -> list[tuple]:
+def candidates(n: int, k: int, esize: int, rows: int, gated: bool, grid: str = "all") -> list[tuple]:
     """The grids' configs that fit a shape: 2 to 31 programs per SM of an H200's 132 (K split only
     where whole rows give fewer), at least four tiles per split; on the tensor cores 16 to 128 KB
-    of tiles in flight, on the CUDA cores at most 64 fp32 partial sums per thread. The gated
-    kernel streams two slabs per program, unsplit, so it counts from one program per SM."""
+    of tiles in flight, on the CUDA cores at most 64 fp32 partial sums (one per 32-bit word of
+    weights) per thread. The gated kernel streams two slabs per program, unsplit, so it counts
+    from one program per SM. grid "cuda-cores": only the CUDA-core configs (batch 1)."""
     slabs = 2 if gated else 1
     fewest = 132 if gated else 264
     keep = []
-    for cfg in DOT_GRID + (FMA_GRID if rows == 1 else []):
+    for cfg in (DOT_GRID if grid == "all" else []) + (FMA_GRID if rows == 1 else []):
         bm, bn, bk, w, st, sp = cfg
         programs = n // bn * sp
         if n % bn or (sp > 1 and (n // bn >= 264 or gated)) or not fewest <= programs <= 4096 or k // sp < 4 * bk:
             continue
         if bm > 1 and not 16 << 10 <= bn * bk * esize * st * slabs <= 128 << 10:
             continue
-        if bm == 1 and bn * bk * slabs > 64 * 32 * w:
+        if bm == 1 and bn * bk * esize // 4 * slabs > 64 * 32 * w:
             continue
         keep.append(cfg)
     return keep
@@ -129,9 +131,9 @@ def float64(x, w, s, up=None, up_scales=None):
     return y if up is None else torch.nn.functional.silu(y) * float64(x, up, up_scales)
 
 
-def sweep_rows(entry, weights, x, rows, esize):
-    """Every candidate config for `rows` (1, or DECODE_ROWS timed at x's rows), checked against
-    the reference and timed; entry gets them and the fastest."""
+def sweep_rows(entry, weights, x, rows, esize, grid):
+    """Every candidate config for `rows` (1, or DECODE_ROWS timed at x's rows) and the committed
+    one, checked against the reference and timed; entry gets them and the fastest."""
     from triton.runtime.errors import OutOfResources
 
     n, k = entry["N"], entry["K"]
@@ -140,7 +142,8 @@ def sweep_rows(entry, weights, x, rows, esize):
     key = (entry["kind"] + (" gated" if gated else ""), n, k, rows)
     committed = lk.CONFIGS.get(key)
     timed = []
-    for cfg in candidates(n, k, esize, rows, gated):
+    configs = candidates(n, k, esize, rows, gated, grid)
+    for cfg in configs + ([committed] if committed and committed not in configs else []):
         lk.CONFIGS[key] = cfg
         try:
             err = rel_err(kernel(x, *weights[0]), ref)
@@ -178,8 +181,8 @@ def sweep_shape(name, n, k, kind, args) -> dict:
             compiled = torch.compile(reference, fullgraph=True)
             compiled(x1, *weights[0])
         entry["inductor_ms_b1"] = per_copy_ms(weights, x1, compiled)
-    sweep_rows(entry, weights, x1, 1, esize)
-    sweep_rows(entry, weights, x8, lk.DECODE_ROWS, esize)
+    for rows in args.rows:
+        sweep_rows(entry, weights, x1 if rows == 1 else x8, rows, esize, args.grid)
     del weights
     torch.cuda.empty_cache()
     return entry
@@ -207,6 +210,11 @@ def main(argv=None) -> None:
                    help="weight kinds (default: bf16 int8)")
     p.add_argument("--matrices", nargs="+", choices=["wqkv", "wo", "w1/w3", "w2", "output", GATED],
                    help="sweep only these (default: all)")
+    p.add_argument("--rows", nargs="+", type=int, choices=[1, lk.DECODE_ROWS], default=[1, lk.DECODE_ROWS],
+                   help="sweep the configs for batch 1 and/or 2-16 rows (default: both)")
+    p.add_argument("--grid", choices=["all", "cuda-cores"], default="all",
+                   help="all configs, or only the batch-1 CUDA-core ones beside the committed config "
+                        "(to re-sweep that path; default: %(default)s)")
     p.add_argument("--inductor", action="store_true", help="also time torch.compile's product at batch 1")
     p.add_argument("--out", default=os.environ.get("OUT", "outputs"),
                    help="folder for bench_linear.json (default: $OUT when set, else outputs; now %(default)s)")
@@ -229,23 +237,27 @@ def main(argv=None) -> None:
                 continue
             e = sweep_shape(name, n, k, kind, args)
             result["entries"].append(e)
-            b1, b8 = e["best_rows1"], e[f"best_rows{lk.DECODE_ROWS}"]
-            tb = e["bytes"] / b1["ms"] / 1e9
             ind = f"  inductor {e['inductor_ms_b1'] * 1e3:6.1f}" if "inductor_ms_b1" in e else ""
-            print(f"{kind:4s} {name:6s} {n:6d}x{k:<5d} b1 {b1['ms'] * 1e3:6.1f} us {b1['config']!s:24s} "
-                  f"({tb:.2f} TB/s, {tb / copy:.0%} of copy)  b8 {b8['ms'] * 1e3:6.1f} us {b8['config']!s:24s} "
+            best = ""
+            for rows in args.rows:
+                b = e[f"best_rows{rows}"]
+                tb = e["bytes"] / b["ms"] / 1e9
+                best += (f"{'b1' if rows == 1 else 'b8'} {b['ms'] * 1e3:6.1f} us {b['config']!s:24s} "
+                         f"({tb:.2f} TB/s, {tb / copy:.0%} of copy)  ")
+            print(f"{kind:4s} {name:6s} {n:6d}x{k:<5d} {best}"
                   f"cuBLAS b1 {e['cublas_ms_b1'] * 1e3:6.1f} b8 {e['cublas_ms_b8'] * 1e3:6.1f}{ind}  "
                   f"[{len(e['configs'])} configs, {time.time() - t0:.0f} s]", flush=True)
     print("CONFIGS = {")
     for e in result["entries"]:
-        for rows in (1, lk.DECODE_ROWS):
+        for rows in args.rows:
             kind = e["kind"] + (" gated" if e["matrix"] == GATED else "")
             print(f"    ({kind!r}, {e['N']}, {e['K']}, {rows}): {tuple(e[f'best_rows{rows}']['config'])},  # {e['matrix']}")
     print("}")
     text = json.dumps(result, indent=1)
     write_atomically(path, lambda tmp: tmp.write_text(text))
-    print(f"wrote {path}; median of the chosen configs' fraction of copy bandwidth at batch 1: "
-          f"{statistics.median(e['bytes'] / e['best_rows1']['ms'] / 1e9 / copy for e in result['entries']):.0%}")
+    rows = args.rows[0]
+    print(f"wrote {path}; median of the chosen configs' fraction of copy bandwidth at {rows} row(s): "
+          f"{statistics.median(e['bytes'] / e[f'best_rows{rows}']['ms'] / 1e9 / copy for e in result['entries']):.0%}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ def rel_err(out, ref) -> float:
 CASES = [
     (1, 64, 256, (1, 16, 64, 4, 1, 1)),  # batch 1 on the CUDA cores
     (1, 80, 320, (1, 32, 128, 4, 1, 2)),  # the same, N and K the blocks do not divide, K split
+    (1, 64, 256, (1, 16, 64, 4, 2, 1)),  # the loads one tile ahead
+    (1, 80, 328, (1, 32, 128, 4, 2, 2)),  # ahead, with masked tiles and a K split
+    (1, 72, 198, (1, 16, 64, 4, 2, 1)),  # K of part words for int8 (the tensor-core default runs)
     (1, 64, 256, (16, 32, 64, 4, 2, 1)),  # batch 1 on the tensor cores
     (8, 96, 384, (16, 32, 64, 4, 2, 2)),  # batch 8, K split in two
     (3, 80, 320, (16, 32, 128, 4, 2, 3)),  # masked tiles and splits on the tensor cores
@@ -59,6 +62,20 @@ def test_kernel_matches_float64(triton_interpreter, monkeypatch, kind, bias, m, 
     assert rel_err(out, reference(x, w, scales, b)) < BF16_TOL
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_other_activation_dtypes_take_the_tensor_core_path(triton_interpreter, dtype):
+    """The CUDA-core path reads bf16 activations as words; fp16 and fp32 (--precision) at batch 1
+    take the tensor-core config instead, fp32 with full-precision products (not TF32)."""
+    import linear_kernels as lk
+
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(1, 256, generator=g).to(dtype), (torch.randn(64, 256, generator=g) * 0.05).to(dtype)
+    assert lk.config(w, 1, dtype=dtype)[0] == lk.DECODE_ROWS
+    out = lk.triton_linear(x, w, None, None)
+    assert out.dtype == dtype
+    assert rel_err(out, reference(x, w, None, None)) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
 def gated_float64(x, w, scales, up, up_scales):
     return torch.nn.functional.silu(reference(x, w, scales, None)) * reference(x, up, up_scales, None)
 
@@ -68,6 +85,7 @@ def gated_float64(x, w, scales, up, up_scales):
 GATED_CASES = [
     (1, 64, 256, (1, 16, 64, 4, 1, 1)),
     (1, 80, 320, (1, 32, 128, 4, 1, 2)),
+    (1, 80, 328, (1, 16, 64, 4, 2, 1)),
     (1, 64, 256, (16, 32, 64, 4, 2, 1)),
     (6, 96, 384, (16, 32, 64, 4, 2, 2)),
     (40, 72, 200, None),
@@ -165,6 +183,20 @@ def test_kernel_on_gpu_with_committed_configs(kind, m):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreted test covers the CPU)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m", [1, 8])
+def test_other_activation_dtypes_on_gpu(dtype, m):
+    """fp16 and fp32 activations (--precision) on the tensor-core path: fp16 products summed in
+    fp32, then one fp16 rounding (2**-11); fp32 in full precision (TF32 would be ~1e-3 off)."""
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, 4096, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(6144, 4096, device="cuda", generator=g) * 0.05).to(dtype)
+    out = linear_op.linear(x, w)
+    assert out.dtype == dtype
+    assert rel_err(out, reference(x, w, None, None)) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreted test covers the CPU)")
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
 @pytest.mark.parametrize("m", [1, 8, 40])
 def test_gated_kernel_on_gpu_with_committed_configs(kind, m):
@@ -181,11 +213,11 @@ def test_gated_kernel_on_gpu_with_committed_configs(kind, m):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inline PTX; the interpreter runs the casts)")
-@pytest.mark.parametrize("config", [(1, 8, 512, 4, 3, 1), (1, 32, 256, 8, 1, 2), (1, 16, 128, 4, 3, 1)])
+@pytest.mark.parametrize("config", [(1, 8, 512, 4, 2, 1), (1, 32, 256, 8, 1, 2), (1, 16, 128, 4, 2, 1)])
 def test_int8_ptx_conversion_equals_the_casts(monkeypatch, config):
     """The batch-1 CUDA-core path's PTX conversion (linear_kernels.INT8_ASM) gives the very codes
-    the plain casts give, so the outputs are bit-identical; every code, -128 included, with N and
-    K the blocks do not divide."""
+    the plain shifts and casts give, so the outputs are bit-identical; every code, -128 included,
+    with N and K the blocks do not divide, the loads one tile ahead or not."""
     import linear_kernels as lk
 
     g = torch.Generator(device="cuda").manual_seed(sum(config))

@@ -273,18 +273,22 @@ def codes_per_word(weight: torch.Tensor) -> int:
     return 4 if weight.dtype == torch.int8 else 2
 
 
-def config(weight: torch.Tensor, m: int, gated: bool = False,
+def config(weight: torch.Tensor, m: int, up: torch.Tensor | None = None,
            dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int, int, int]:
-    """The launch config for m rows of `dtype` activations times this weight (gated: the gate and
-    up pair's kernel, whose silu needs each row's whole K in one program: never split). The
+    """The launch config for m rows of `dtype` activations times this weight (with `up`: the gate
+    and up pair's kernel, whose silu needs each row's whole K in one program: never split). The
     CUDA-core path (BLOCK_M 1) reads bf16 activations and int8 or bf16 weights as 32-bit words;
-    other dtypes, or a K of part words, take the tensor-core config."""
+    other dtypes, a K of part words or a weight that does not start on a word take the
+    tensor-core config."""
     if m > DECODE_ROWS:
         return PREFILL_CONFIG
     n, k = weight.shape
+    gated = up is not None
     kind, rows = weight_kind(weight) + (" gated" if gated else ""), 1 if m == 1 else DECODE_ROWS
     cfg = CONFIGS.get((kind, n, k, rows), DEFAULT_CONFIGS[(kind, rows)])
-    words_fit = dtype == torch.bfloat16 and weight.dtype in (torch.bfloat16, torch.int8) and k % codes_per_word(weight) == 0
+    per_word = codes_per_word(weight)
+    words_fit = (dtype == torch.bfloat16 and weight.dtype in (torch.bfloat16, torch.int8) and k % per_word == 0
+                 and all(w.storage_offset() % per_word == 0 for w in (weight, up) if w is not None))
     if cfg[0] == 1 and not words_fit:
         cfg = DEFAULT_CONFIGS[(kind, DECODE_ROWS)]
     return cfg[:5] + (1,) if gated else cfg
@@ -299,7 +303,7 @@ def triton_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
     m, k = x.shape
     n, dtype = weight.shape[0], x.dtype
     gated = up is not None
-    block_m, block_n, block_k, warps, stages, split = config(weight, m, gated, dtype)
+    block_m, block_n, block_k, warps, stages, split = config(weight, m, up, dtype)
     convert_asm = INT8_ASM and weight.dtype == torch.int8 and x.is_cuda
     per_word, prefetch = 1, 0
     if block_m == 1:
@@ -308,6 +312,8 @@ def triton_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
         # then count words). Its `stages` are the tiles in flight per program: the loads run
         # stages - 1 tiles ahead.
         per_word, prefetch, stages = codes_per_word(weight), stages - 1, 1
+        if x.storage_offset() % per_word or x.stride(0) % per_word:  # a row off a word: a copy on one
+            x = torch.empty(m, k, device=x.device, dtype=dtype).copy_(x)
         x = x.view(torch.int64 if per_word == 4 else torch.int32)
         weight = weight.view(torch.int32)
         up = None if up is None else up.view(torch.int32)

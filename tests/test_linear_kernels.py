@@ -76,6 +76,26 @@ def test_other_activation_dtypes_take_the_tensor_core_path(triton_interpreter, d
     assert rel_err(out, reference(x, w, None, None)) < (1e-5 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_tensors_that_do_not_start_on_a_word(triton_interpreter, kind):
+    """The CUDA-core path views rows and weights as 32-bit words: activations one element past a
+    word are copied first, a weight one element past a word takes the tensor-core config."""
+    import linear_kernels as lk
+
+    g = torch.Generator().manual_seed(11)
+    n, k = 64, 256
+    x = torch.randn(1, k + 1, generator=g).to(torch.bfloat16)[:, 1:]  # storage offset 1
+    if kind == "int8":
+        flat = torch.randint(-127, 128, (n * k + 1,), generator=g, dtype=torch.int8)
+        scales = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
+    else:
+        flat, scales = (torch.randn(n * k + 1, generator=g) * 0.05).to(torch.bfloat16), None
+    aligned, shifted = flat[:-1].view(n, k), flat[1:].view(n, k)
+    assert lk.config(aligned, 1)[0] == 1 and lk.config(shifted, 1)[0] == lk.DECODE_ROWS
+    for w in (aligned, shifted):
+        assert rel_err(lk.triton_linear(x, w, scales, None), reference(x, w, scales, None)) < BF16_TOL
+
+
 def gated_float64(x, w, scales, up, up_scales):
     return torch.nn.functional.silu(reference(x, w, scales, None)) * reference(x, up, up_scales, None)
 

@@ -11,7 +11,8 @@ batch 1 (the path the decode step took before). Every timed config is checked ag
 linear_op.linear_reference. Time is the median of triton.testing.do_bench_cudagraph over weight
 copies rotated past the L2; bandwidth is bytes read (weights, scales, activations) over time.
 
-    python3 -m scripts.bench_linear [--model llama-3.1-8b] [--tp 1] [--matrices wqkv ...] [--inductor] [--out DIR]
+    python3 -m scripts.bench_linear [--model llama-3.1-8b] [--tp 1] [--matrices wqkv ...] [--rows 1 16]
+        [--grid all|cuda-cores] [--inductor] [--out DIR]
 
 Writes bench_linear.json to the --out folder (never over an existing one) and prints the table and
 the CONFIGS entries to commit.
@@ -154,6 +155,9 @@ def sweep_rows(entry, weights, x, rows, esize, grid):
         if not err <= REL_TOL:
             sys.exit(f"wrong result: {entry['matrix']} {entry['kind']} config {cfg}: rel err {err:.3g}")
         timed.append({"rows": rows, "config": cfg, "ms": ms, "rel_err": err})
+    if not timed:
+        sys.exit(f"error: no config of the grid fits {entry['kind']} {entry['matrix']} ({n} x {k}) at {rows} row(s) "
+                 "and none is committed; leave it out with --matrices")
     best = min(timed, key=lambda c: c["ms"])
     if committed is None:
         lk.CONFIGS.pop(key)
@@ -194,6 +198,8 @@ def check_args(args) -> tuple[dict, Path]:
     config = ModelArgs.from_name(args.model)  # ValueError names the presets
     if args.tp not in tp.valid_world_sizes(config):
         raise ValueError(f"--tp {args.tp} does not divide {args.model}'s heads and MLP; use one of {tp.valid_world_sizes(config)}")
+    if args.grid == "cuda-cores" and args.rows != [1]:
+        raise ValueError("--grid cuda-cores sweeps batch-1 configs only; pass --rows 1")
     path = Path(args.out) / "bench_linear.json"
     if path.exists():
         raise ValueError(f"{path} exists; pass another --out (results are never overwritten)")

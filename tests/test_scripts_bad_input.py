@@ -211,6 +211,7 @@ def test_bench_attention_tables_against_shipped(capsys):
 @pytest.mark.parametrize("args, says", [
     (["--model", "nope"], "known presets"),
     (["--tp", "3"], "use one of [1, 2, 4, 8]"),
+    (["--grid", "cuda-cores"], "pass --rows 1"),
     pytest.param([], "CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")),
 ])
 def test_bench_linear_bad_arguments(tmp_path, fails_in_one_line, args, says):

@@ -20,7 +20,8 @@ import triton.language as tl
 import pdl
 
 # (weight kind, N, K, rows) -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split_k) for
-# decode-sized inputs: rows 1 (batch 1) or DECODE_ROWS (2 to 16 rows). Chosen on an H200 by
+# decode-sized inputs: rows 1 (batch 1) or DECODE_ROWS (2 to 16 rows). With BLOCK_M 1 num_stages
+# is the tiles in flight per program, 1 or 2 (triton_linear). Chosen on an H200 by
 # scripts/bench_linear.py (docs/linear.md).
 CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int, int, int, int]] = {
     # Llama-3-8B / 3.1-8B, one GPU

@@ -148,8 +148,10 @@ def test_committed_configs_fit_their_shapes():
         assert n % block_n == 0 and k // split >= block_k, (kind, n, k, rows)
         assert all(v & (v - 1) == 0 for v in (block_m, block_n, block_k, warps)), (kind, n, k, rows)
         assert split == 1 or "gated" not in kind, (kind, n, k, rows)  # the gate needs whole rows
+        assert block_m > 1 or stages in (1, 2), (kind, n, k, rows)  # tiles in flight on the CUDA cores
     assert set(lk.DEFAULT_CONFIGS) == {(kind, rows) for kind in kinds for rows in (1, lk.DECODE_ROWS)}
     assert all(cfg[0] >= rows for (_, rows), cfg in lk.DEFAULT_CONFIGS.items())
+    assert all(cfg[0] > 1 or cfg[4] in (1, 2) for cfg in lk.DEFAULT_CONFIGS.values())
 
 
 def test_cpu_layer_is_the_reference_and_compiles():

@@ -223,9 +223,15 @@ def kivi_partial(
     NG: tl.constexpr = D // VG  # value groups
     GV: tl.constexpr = VG if VG < DP else DP  # channels of one value group within one plane
     NGP: tl.constexpr = DP // GV  # value groups per plane
-    offs_h = tl.arange(0, NH)
-    h_ok = offs_h < N_REP
-    heads = h * N_REP + offs_h  # query heads of this kv head, padded to NH columns
+    # The NH columns hold NC copies of the GQA group (column = copy * N_REP + head), so that P
+    # times the value scales of NC groups at once is one tensor: one trip through shared memory
+    # into the value dots' operand layout per NC groups.
+    NC: tl.constexpr = NH // N_REP
+    NPK: tl.constexpr = (NG + NC - 1) // NC  # packs of NC value groups
+    cols = tl.arange(0, NH)
+    copy = cols // N_REP
+    h_ok = cols < NC * N_REP
+    heads = h * N_REP + cols % N_REP  # the query head of each column
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, DP)
     offs_gv = tl.arange(0, GV)
@@ -245,7 +251,7 @@ def kivi_partial(
     # (a row of ones beside b) needs P in another layout, through shared memory (one layer, int4
     # at batch 8 / 32K: 0.1268 ms with that dot, 0.1149 without; docs/kernels.md).
     l_part = tl.zeros([BLOCK_N, NH], tl.float32)
-    b_parts = (tl.zeros([BLOCK_N, NH], tl.float32),) * NG
+    b_parts = (tl.zeros([BLOCK_N, NH], tl.float32),) * NPK
 
     n_tiles, first = tile_order(split, start, end, BLOCK_N)  # tiles visited from `first` on, wrapping
     n_first = tile_start(0, first, n_tiles, start, BLOCK_N)
@@ -307,17 +313,22 @@ def kivi_partial(
             for k in tl.static_range(NPL * NGP):
                 accs = _replace(accs, k, accs[k] * alpha[None, :])
             l_part = l_part * alpha[None, :]
-            for g in tl.static_range(NG):
-                b_parts = _replace(b_parts, g, b_parts[g] * alpha[None, :])
+            for k in tl.static_range(NPK):
+                b_parts = _replace(b_parts, k, b_parts[k] * alpha[None, :])
             m_i = m_new
         p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
         # ---- values: value = f * a + b per token and group, a folded into P ----
         l_part += p
-        for g in tl.static_range(NG):
-            b_parts = _replace(b_parts, g, b_parts[g] + p * vb[g][:, None])
-        p_groups = ()
-        for g in tl.static_range(NG):
-            p_groups = p_groups + ((p * va[g][:, None]).to(tl.float16),)
+        p_packs = ()
+        for k in tl.static_range(NPK):
+            a_k = tl.zeros([BLOCK_N, NH], tl.float32)
+            b_k = tl.zeros([BLOCK_N, NH], tl.float32)
+            for r in tl.static_range(NC):
+                if k * NC + r < NG:
+                    a_k = tl.where((copy == r)[None, :], va[k * NC + r][:, None], a_k)
+                    b_k = tl.where((copy == r)[None, :], vb[k * NC + r][:, None], b_k)
+            b_parts = _replace(b_parts, k, b_parts[k] + p * b_k)
+            p_packs = p_packs + ((p * a_k).to(tl.float16),)
         # The tile lies in one block of value codes, channel-major: part j of it holds rows
         # [j * GV, (j + 1) * GV) of its bytes, channels j * GV + [0, GV) of every plane.
         # Unmasked: a tile never passes the capacity (a multiple of VB), codes past the split's
@@ -326,16 +337,18 @@ def kivi_partial(
         for j in tl.static_range(NGP):
             fv = _unpack(tl.load(block + (j * GV + offs_gv)[:, None] * VB + offs_n0[None, :]), BITS, False, KIVI_ASM)
             for i in tl.static_range(NPL):
-                accs = _replace(accs, i * NGP + j, tl.dot(fv[i], p_groups[(i * DP + j * GV) // VG], accs[i * NGP + j]))
+                accs = _replace(accs, i * NGP + j, tl.dot(fv[i], p_packs[(i * DP + j * GV) // VG // NC], accs[i * NGP + j]))
 
     # ---- this split's normalized output and log2-sum-exp ----
     pdl.let_dependents_launch(PDL)
-    inv_l, out_ok = finish_split(m_i, tl.sum(l_part, axis=0), LSE, b * sl_b + heads * sl_h + sp, start, end, N_REP, NH)
+    inv_l, _ = finish_split(m_i, tl.sum(l_part, axis=0), LSE, b * sl_b + heads * sl_h + sp, start, end, N_REP, NH)
     o_cols = O + b * so_b + heads * so_h + sp * so_s  # [NH]
     for i in tl.static_range(NPL):
         for j in tl.static_range(NGP):
-            o = (accs[i * NGP + j] + tl.sum(b_parts[(i * DP + j * GV) // VG], axis=0)[None, :]) * inv_l[None, :]
-            tl.store(o_cols[None, :] + (i * DP + j * GV + offs_gv)[:, None], o, mask=out_ok[None, :])
+            # value group (i * DP + j * GV) // VG: its pack and its copy in the columns
+            o = (accs[i * NGP + j] + tl.sum(b_parts[(i * DP + j * GV) // VG // NC], axis=0)[None, :]) * inv_l[None, :]
+            ok = h_ok & (copy == (i * DP + j * GV) // VG % NC) & (cols < tl.where(end > start, NH, 0))
+            tl.store(o_cols[None, :] + (i * DP + j * GV + offs_gv)[:, None], o, mask=ok[None, :])
 
 
 @triton.jit

@@ -65,7 +65,8 @@ FORMAT_IDS = {"exact": 0, "int8": 1, "fp8": 2}
 # the launch API.
 CONVERT_ASM = True  # 8-bit codes converted with the PTX below (else plain casts, as under the interpreter)
 KIVI_ASM = True  # KIVI tiles unpacked with PTX (decode_kernels_kivi; else plain ops, as under the interpreter)
-MIN_SPLIT = 1024  # tokens of capacity per split at least (plan_splits) ...
+MIN_SPLIT = 1024  # tokens of capacity per split at least, a quantized body's grid (plan_splits) ...
+EXACT_MIN_SPLIT = 4096  # ... the exact slots' alone (full cache, compress_kv) ...
 FILL_WARPS_PER_SM = 8  # ... unless that leaves the grid fewer warps than this per SM
 EXACT_SPLITS = 8  # the exact slots behind a body: one tile per split, up to this many splits
 # Tokens per tile of the exact slots in a body's launch. A one-warp program loads a bf16
@@ -392,16 +393,21 @@ def combine_kernel(O, LSE, so_bh, so_s, sl_bh, OUT, sout_b, sout_h, Hq, S, S_PAD
 
 
 
-def plan_splits(bh: int, capacities: list[int], block_ns: list[int], warps: int, sm_count: int, waves: int) -> list[int]:
+def plan_splits(bh: int, capacities: list[int], block_ns: list[int], warps: int, sm_count: int, waves: int,
+                min_split: int) -> list[int]:
     """Static split counts per segment from shapes only: ~waves programs per SM in all, shared by
-    capacity, at least MIN_SPLIT tokens of capacity (and one tile) per split, or fewer tokens where
-    MIN_SPLIT would leave the grid fewer than FILL_WARPS_PER_SM warps (of `warps` per program) per
+    capacity, at least min_split tokens of capacity (and one tile) per split, or fewer tokens where
+    min_split would leave the grid fewer than FILL_WARPS_PER_SM warps (of `warps` per program) per
     SM. The split count is fixed for the capacity, while the splits cut the current length: at
-    batch 1 a cache sized for 128K runs 132 splits per KV head (about 1000 tokens each), not 256,
-    because a split costs its program, its partial output and its share of the combine even when
-    it holds one tile (on an H200, one layer, 8K tokens of a 128K int8 cache: 19.6 us against
-    23.2; 128K: 89 against 94). Eight warps per SM, not four: one layer at batch 1 / 32K, int8
-    29.7 us against 45.9 (docs/kernels.md).
+    batch 1 a quantized body sized for 128K runs 132 splits per KV head (about 1000 tokens each,
+    MIN_SPLIT), not 256, because a split costs its program, its partial output and its share of
+    the combine even when it holds one tile or none (on an H200, one layer, 8K tokens of a 128K
+    int8 cache: 19.6 us against 23.2; 128K: 89 against 94). Eight warps per SM, not four: one
+    layer at batch 1 / 32K, int8 29.7 us against 45.9 (docs/kernels.md). The exact slots alone
+    (EXACT_MIN_SPLIT) take 4096 tokens at the least: their four-warp programs hold a deep
+    pipeline of bf16 tiles in shared memory, two to an SM, so the empty splits of a short length
+    run in waves of their own (one layer at batch 1 in a 128K cache: 1K 10.0 -> 6.0 us, 8K 18.4 ->
+    14.0, 32K 42.1 -> 37.7, 128K 131.7 -> 126.7; batch 8 unchanged).
     The exact slots behind a body (the segments after the first: sink, window, a pending KIVI
     group, usually a few hundred) take one tile per split, up to EXACT_SPLITS: they are the last
     programs of the body's grid, and at batch 1 their tiles one after another in a few programs
@@ -410,7 +416,7 @@ def plan_splits(bh: int, capacities: list[int], block_ns: list[int], warps: int,
     target = max(1, math.ceil(waves * sm_count / bh))
     total = sum(capacities)
     fill = FILL_WARPS_PER_SM * sm_count / (warps * bh)  # splits in all that give the grid that many warps
-    per_split = min(MIN_SPLIT, total / max(fill, 1))
+    per_split = min(min_split, total / max(fill, 1))
     splits = []
     for cap, bn in zip(capacities, block_ns):
         s = max(1, round(target * cap / max(total, 1)))
@@ -455,7 +461,9 @@ def flash_decode(q, k, v, exact_len, exact_mask, body, body_len, sm_scale, out=N
     sm_count = _sm_count(device) if q.is_cuda else 132
     # The body, when there is one, is nearly all the work: its config's waves and warps plan the grid.
     waves = waves if body is not None else exact_waves
-    splits = plan_splits(B * Hkv, [s[1] for s in segments], [s[2] for s in segments], segments[0][3], sm_count, waves)
+    min_split = MIN_SPLIT if body is not None else EXACT_MIN_SPLIT
+    splits = plan_splits(B * Hkv, [s[1] for s in segments], [s[2] for s in segments], segments[0][3], sm_count, waves,
+                         min_split)
     o_part = torch.empty(B, Hq, sum(splits), D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, Hq, sum(splits), device=q.device, dtype=torch.float32)
     launch_pdl = pdl.options(q)

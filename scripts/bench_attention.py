@@ -12,8 +12,8 @@ The KIVI modes int4 and int2 use the shipped groups (strategies.KIVI_GROUPS). --
 of decode_kernels' switches flipped at a time (VARIANTS: the 8-bit conversions as plain casts,
 KIVI's unpacking without PTX), to see what each stage costs;
 --sass writes each compiled kernel's SASS next to the JSON. --splits times every case with
-decode_kernels.MIN_SPLIT at each of SPLIT_SWEEP, --fill with FILL_WARPS_PER_SM at each of
-FILL_SWEEP. --capacity C sizes every cache for C
+its split minimum (decode_kernels.MIN_SPLIT; EXACT_MIN_SPLIT for bf16) at each of SPLIT_SWEEP,
+--fill with FILL_WARPS_PER_SM at each of FILL_SWEEP. --capacity C sizes every cache for C
 tokens with each case's S valid, as the whole-step benchmark sizes its caches for the longest
 context (the kernels plan their splits for the capacity): at batch 1 a short context then runs
 in other splits than a cache of its own length. Writes bench_attention.json (and prints a table)
@@ -49,9 +49,9 @@ RESIDUAL = 64  # exact slots after a quantized body (valid of 128)
 # mode -> (bits, (key group, value group)): the KIVI modes with their shipped groups.
 MODE_BITS = {"int8": (8, None), "fp8": ("fp8", None), "int4": (4, KIVI_GROUPS[4]), "int2": (2, KIVI_GROUPS[2])}
 MODE_FORMAT = {"bf16": "exact"}  # else the mode is the format
-# What --splits sets decode_kernels.MIN_SPLIT to (tokens of capacity per split at least, shipped
-# 1024; the split count is also capped by the config's waves and raised by the fill rule of
-# plan_splits), at every case.
+# What --splits sets the format's split minimum to (tokens of capacity per split at least:
+# decode_kernels.MIN_SPLIT, shipped 1024, or EXACT_MIN_SPLIT for bf16, 4096; the split count is
+# also capped by the config's waves and raised by the fill rule of plan_splits), at every case.
 SPLIT_SWEEP = (256, 512, 1024, 2048, 4096)
 # What --fill sets decode_kernels.FILL_WARPS_PER_SM to (the fewest warps per SM the split grid
 # keeps, shipped 8), at every case.
@@ -148,14 +148,17 @@ def kernel_call(a):
 
 class Switched:
     """decode_kernels' tuning switches set for a while: a format's config (BLOCK_N, warps,
-    stages, waves), a module switch flipped from its shipped value, MIN_SPLIT, FILL_WARPS_PER_SM."""
+    stages, waves), a module switch flipped from its shipped value, the format's split minimum
+    (MIN_SPLIT, or EXACT_MIN_SPLIT for bf16, whose grid is the exact slots alone),
+    FILL_WARPS_PER_SM."""
 
     def __init__(self, mode, config=None, flip=None, min_split=None, fill=None):
         self.key = (MODE_FORMAT.get(mode, mode), D)
         self.config, self.flip, self.min_split, self.fill = config, flip, min_split, fill
+        self.split_name = "EXACT_MIN_SPLIT" if self.key[0] == "exact" else "MIN_SPLIT"
 
     def __enter__(self):
-        self.saved_config, self.saved_min_split = dk.CONFIGS[self.key], dk.MIN_SPLIT
+        self.saved_config, self.saved_min_split = dk.CONFIGS[self.key], getattr(dk, self.split_name)
         self.saved_fill = dk.FILL_WARPS_PER_SM
         if self.fill:
             dk.FILL_WARPS_PER_SM = self.fill
@@ -165,10 +168,11 @@ class Switched:
             self.saved_switch = getattr(dk, self.flip)
             setattr(dk, self.flip, not self.saved_switch)
         if self.min_split:
-            dk.MIN_SPLIT = self.min_split
+            setattr(dk, self.split_name, self.min_split)
 
     def __exit__(self, *exc):
-        dk.CONFIGS[self.key], dk.MIN_SPLIT = self.saved_config, self.saved_min_split
+        dk.CONFIGS[self.key] = self.saved_config
+        setattr(dk, self.split_name, self.saved_min_split)
         dk.FILL_WARPS_PER_SM = self.saved_fill
         if self.flip:
             setattr(dk, self.flip, self.saved_switch)
@@ -235,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"cache formats, comma separated, from {', '.join(MODES)} (default: %(default)s)")
     p.add_argument("--splits", action="store_true",
-                   help=f"also time each case with decode_kernels.MIN_SPLIT at each of {SPLIT_SWEEP}")
+                   help=f"also time each case with its split minimum (decode_kernels.MIN_SPLIT, "
+                        f"EXACT_MIN_SPLIT for bf16) at each of {SPLIT_SWEEP}")
     p.add_argument("--fill", action="store_true",
                    help=f"also time each case with decode_kernels.FILL_WARPS_PER_SM at each of {FILL_SWEEP}")
     p.add_argument("--variants", action="store_true",

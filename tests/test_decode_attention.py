@@ -257,30 +257,36 @@ def test_kernels_interpreted_with_nothing_valid(triton_interpreter, bits):
 
 def test_split_plan():
     """The static split counts (plan_splits, llama-3-8b's 8 KV heads, an H200's 132 SMs): at
-    least MIN_SPLIT tokens of capacity per split, unless that leaves the GPU under
-    FILL_WARPS_PER_SM warps per SM; never more than the waves' target, never less than a tile."""
-    from decode_kernels import FILL_WARPS_PER_SM, MIN_SPLIT, plan_splits
+    least MIN_SPLIT (a quantized body) or EXACT_MIN_SPLIT (the exact slots alone) tokens of
+    capacity per split, unless that leaves the GPU under FILL_WARPS_PER_SM warps per SM; never
+    more than the waves' target, never less than a tile."""
+    from decode_kernels import EXACT_MIN_SPLIT, FILL_WARPS_PER_SM, MIN_SPLIT, plan_splits
 
-    assert (MIN_SPLIT, FILL_WARPS_PER_SM) == (1024, 8)  # the values the figures below assume
+    assert (MIN_SPLIT, EXACT_MIN_SPLIT, FILL_WARPS_PER_SM) == (1024, 4096, 8)  # the values the figures below assume
     # int8 (one-warp programs, 16 waves), batch 1: 1024-token splits of a 128K body would be 1024
     # one-warp programs, under eight per SM: the fill rule makes it 132 splits of ~993 tokens
     # (the waves' target is 264); the 49 exact slots behind it (EXACT_BLOCK_N = 16-token tiles in
     # the body's launch) one tile per split.
-    assert plan_splits(8, [131072, 49], [32, 16], 1, 132, 16) == [132, 4]
+    assert plan_splits(8, [131072, 49], [32, 16], 1, 132, 16, MIN_SPLIT) == [132, 4]
     # batch 1, an 8K body: 1024-token splits would be 8 programs per KV head, 64 one-warp
     # programs on 132 SMs; the fill rule cuts 8K into 132 splits of ~62 tokens (1056 warps in all).
-    assert plan_splits(8, [8192, 49], [32, 16], 1, 132, 16) == [132, 4]
+    assert plan_splits(8, [8192, 49], [32, 16], 1, 132, 16, MIN_SPLIT) == [132, 4]
     # batch 8 / 32K: the waves' target (33) and MIN_SPLIT (32) agree.
-    assert plan_splits(64, [32768, 49], [32, 16], 1, 132, 16) == [32, 4]
-    # bf16 (four-warp programs, 8 waves): batch 1 / 128K 128 splits, batch 8 / 32K the target 17.
-    assert plan_splits(8, [131072], [64], 4, 132, 8) == [128]
-    assert plan_splits(64, [32768], [64], 4, 132, 8) == [17]
+    assert plan_splits(64, [32768, 49], [32, 16], 1, 132, 16, MIN_SPLIT) == [32, 4]
+    # bf16 alone (four-warp programs, 8 waves): 4096-token splits would be 32 per KV head at batch
+    # 1 / 128K, 256 programs of four warps, under eight warps per SM: the fill rule makes it 33
+    # (with MIN_SPLIT, 128); batch 8 / 32K 8 splits (the target is 17).
+    assert plan_splits(8, [131072], [64], 4, 132, 8, EXACT_MIN_SPLIT) == [33]
+    assert plan_splits(8, [131072], [64], 4, 132, 8, MIN_SPLIT) == [128]
+    assert plan_splits(64, [32768], [64], 4, 132, 8, EXACT_MIN_SPLIT) == [8]
+    # A cache sized for its own length (generate.py): the fill rule decides, as before.
+    assert plan_splits(8, [8192], [64], 4, 132, 8, EXACT_MIN_SPLIT) == plan_splits(8, [8192], [64], 4, 132, 8, MIN_SPLIT) == [33]
     # A few tokens: one tile per split at the least.
-    assert plan_splits(8, [64], [32], 1, 132, 16) == [2]
+    assert plan_splits(8, [64], [32], 1, 132, 16, MIN_SPLIT) == [2]
     # The exact slots behind a body: one tile per split, at most EXACT_SPLITS (int4's 176 would be
     # 11 tiles, int2's 80 five).
-    assert plan_splits(8, [131072, 176], [32, 16], 1, 132, 16) == [132, 8]
-    assert plan_splits(64, [32768, 80], [32, 16], 1, 132, 16) == [32, 5]
+    assert plan_splits(8, [131072, 176], [32, 16], 1, 132, 16, MIN_SPLIT) == [132, 8]
+    assert plan_splits(64, [32768, 80], [32, 16], 1, 132, 16, MIN_SPLIT) == [32, 5]
 
 
 @interp
@@ -293,6 +299,7 @@ def test_many_splits_for_a_short_length_interpreted(triton_interpreter, monkeypa
     from decode_kernels import flash_decode
 
     monkeypatch.setattr(decode_kernels, "MIN_SPLIT", 32)  # 16 one-tile splits planned for 512 tokens
+    monkeypatch.setattr(decode_kernels, "EXACT_MIN_SPLIT", 32)
     monkeypatch.setattr(decode_kernels, "FILL_WARPS_PER_SM", 0)
     q, k, v, el, mask, body, bl = _case(21, 1, 2, 4, 128, 512, 45, False, bits, 32 if bits == 4 else 1, 512, 301,
                                         torch.float32)
@@ -445,6 +452,7 @@ def _check_rising_scores(monkeypatch, bits, groups, device):
     from decode_kernels import flash_decode
 
     monkeypatch.setattr(decode_kernels, "MIN_SPLIT", 1 << 30)  # one split per KV head
+    monkeypatch.setattr(decode_kernels, "EXACT_MIN_SPLIT", 1 << 30)
     monkeypatch.setattr(decode_kernels, "FILL_WARPS_PER_SM", 0)
     gen = torch.Generator().manual_seed(31)
     B, Hkv, n_rep, D, L, body_len = 1, 2, 4, 128, 512, 480

@@ -178,8 +178,8 @@ def test_bench_attention_records_out_of_memory_but_not_bugs(monkeypatch):
 
 
 def test_bench_attention_switches_are_set_for_a_while():
-    """Switched sets a format's config, a module switch and MIN_SPLIT (--sweep, --variants,
-    --splits) and puts every one back, also when the timed call raises."""
+    """Switched sets a format's config, a module switch and its split minimum (--sweep,
+    --variants, --splits) and puts every one back, also when the timed call raises."""
     import decode_kernels as dk
     from scripts import bench_attention as ba
 
@@ -189,6 +189,11 @@ def test_bench_attention_switches_are_set_for_a_while():
             assert (dk.CONFIGS[("int8", ba.D)], dk.CONVERT_ASM, dk.MIN_SPLIT) == ((64, 4, 3, 8), not shipped[1], 96)
             raise RuntimeError("inside")
     assert (dk.CONFIGS[("int8", ba.D)], dk.CONVERT_ASM, dk.MIN_SPLIT) == shipped
+    # bf16's grid is the exact slots alone: --splits sets their own minimum.
+    shipped_exact = dk.EXACT_MIN_SPLIT, dk.MIN_SPLIT
+    with ba.Switched("bf16", min_split=2048):
+        assert (dk.EXACT_MIN_SPLIT, dk.MIN_SPLIT) == (2048, shipped_exact[1])
+    assert (dk.EXACT_MIN_SPLIT, dk.MIN_SPLIT) == shipped_exact
 
 
 def test_bench_attention_tables_against_shipped(capsys):

@@ -66,7 +66,7 @@ FORMAT_IDS = {"exact": 0, "int8": 1, "fp8": 2}
 CONVERT_ASM = True  # 8-bit codes converted with the PTX below (else plain casts, as under the interpreter)
 KIVI_ASM = True  # KIVI tiles unpacked with PTX (decode_kernels_kivi; else plain ops, as under the interpreter)
 MIN_SPLIT = 1024  # tokens of capacity per split at least, a quantized body's grid (plan_splits) ...
-EXACT_MIN_SPLIT = 4096  # ... the exact slots' alone (full cache, compress_kv) ...
+EXACT_MIN_SPLIT = 2048  # ... the exact slots' alone (full cache, compress_kv) ...
 FILL_WARPS_PER_SM = 8  # ... unless that leaves the grid fewer warps than this per SM
 EXACT_SPLITS = 8  # the exact slots behind a body: one tile per split, up to this many splits
 # Tokens per tile of the exact slots in a body's launch. A one-warp program loads a bf16
@@ -404,10 +404,12 @@ def plan_splits(bh: int, capacities: list[int], block_ns: list[int], warps: int,
     the combine even when it holds one tile or none (on an H200, one layer, 8K tokens of a 128K
     int8 cache: 19.6 us against 23.2; 128K: 89 against 94). Eight warps per SM, not four: one
     layer at batch 1 / 32K, int8 29.7 us against 45.9 (docs/kernels.md). The exact slots alone
-    (EXACT_MIN_SPLIT) take 4096 tokens at the least: their four-warp programs hold a deep
+    (EXACT_MIN_SPLIT) take 2048 tokens at the least: their four-warp programs hold a deep
     pipeline of bf16 tiles in shared memory, two to an SM, so the empty splits of a short length
-    run in waves of their own (one layer at batch 1 in a 128K cache: 1K 10.0 -> 6.0 us, 8K 18.4 ->
-    14.0, 32K 42.1 -> 37.7, 128K 131.7 -> 126.7; batch 8 unchanged).
+    run in waves of their own (one layer at batch 1 in a 128K cache, 1024 -> 2048 -> 4096: 1K
+    10.0 -> 7.0 -> 6.0 us, 8K 18.4 -> 15.2 -> 14.0, 128K 131.5 -> 129.6 -> 126.7). 4096 made the
+    whole step at batch 8 / 32K 4% slower (8 splits per KV head where the waves ask for 17); 2048
+    gives 16 and ran it as fast as 1024.
     The exact slots behind a body (the segments after the first: sink, window, a pending KIVI
     group, usually a few hundred) take one tile per split, up to EXACT_SPLITS: they are the last
     programs of the body's grid, and at batch 1 their tiles one after another in a few programs

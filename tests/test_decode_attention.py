@@ -262,7 +262,7 @@ def test_split_plan():
     more than the waves' target, never less than a tile."""
     from decode_kernels import EXACT_MIN_SPLIT, FILL_WARPS_PER_SM, MIN_SPLIT, plan_splits
 
-    assert (MIN_SPLIT, EXACT_MIN_SPLIT, FILL_WARPS_PER_SM) == (1024, 4096, 8)  # the values the figures below assume
+    assert (MIN_SPLIT, EXACT_MIN_SPLIT, FILL_WARPS_PER_SM) == (1024, 2048, 8)  # the values the figures below assume
     # int8 (one-warp programs, 16 waves), batch 1: 1024-token splits of a 128K body would be 1024
     # one-warp programs, under eight per SM: the fill rule makes it 132 splits of ~993 tokens
     # (the waves' target is 264); the 49 exact slots behind it (EXACT_BLOCK_N = 16-token tiles in
@@ -273,12 +273,12 @@ def test_split_plan():
     assert plan_splits(8, [8192, 49], [32, 16], 1, 132, 16, MIN_SPLIT) == [132, 4]
     # batch 8 / 32K: the waves' target (33) and MIN_SPLIT (32) agree.
     assert plan_splits(64, [32768, 49], [32, 16], 1, 132, 16, MIN_SPLIT) == [32, 4]
-    # bf16 alone (four-warp programs, 8 waves): 4096-token splits would be 32 per KV head at batch
-    # 1 / 128K, 256 programs of four warps, under eight warps per SM: the fill rule makes it 33
-    # (with MIN_SPLIT, 128); batch 8 / 32K 8 splits (the target is 17).
-    assert plan_splits(8, [131072], [64], 4, 132, 8, EXACT_MIN_SPLIT) == [33]
+    # bf16 alone (four-warp programs, 8 waves): batch 1 / 128K 64 splits of 2048 tokens (with
+    # MIN_SPLIT, 128); batch 8 / 32K 16 (the waves' target is 17; 4096-token splits, 8, ran the
+    # whole step 4% slower).
+    assert plan_splits(8, [131072], [64], 4, 132, 8, EXACT_MIN_SPLIT) == [64]
     assert plan_splits(8, [131072], [64], 4, 132, 8, MIN_SPLIT) == [128]
-    assert plan_splits(64, [32768], [64], 4, 132, 8, EXACT_MIN_SPLIT) == [8]
+    assert plan_splits(64, [32768], [64], 4, 132, 8, EXACT_MIN_SPLIT) == [16]
     # A cache sized for its own length (generate.py): the fill rule decides, as before.
     assert plan_splits(8, [8192], [64], 4, 132, 8, EXACT_MIN_SPLIT) == plan_splits(8, [8192], [64], 4, 132, 8, MIN_SPLIT) == [33]
     # A few tokens: one tile per split at the least.

@@ -9,6 +9,10 @@ kernel charged to the op that launched it; without, of the host's time inside th
 each op's *self* time (its duration minus its children's), so nothing is counted twice and the
 time between ops (Python, dispatch) shows up under "other".
 
+With device events it also says how long the GPU sat idle (no kernel, copy or memset running on
+any stream) between the first device event and the last, and between which kernels the longest
+idle stretches fell: the launch gaps and host waits that a faster kernel cannot remove.
+
 Categories, for an event and its ancestors on the same thread:
   1. the innermost enclosing profiler range named kv_quantize / kv_dequantize / kv_attend
      (torch.profiler.record_function labels that the caches may set) decides;
@@ -85,6 +89,37 @@ def _host_tree(events: list[dict]) -> tuple[dict, dict]:
     return self_us, category
 
 
+def device_idle(device: list[dict], top: int = 5) -> dict:
+    """The GPU's idle time in the window from the first device event's start to the last one's
+    end (events on every stream together; overlapping ones, as with programmatic dependent launch,
+    count once), and the `top` boundaries with the most of it: for each, the event that ended last
+    before the gap and the one that started it, with the summed gap (us) and how often it came."""
+    events = sorted(device, key=lambda e: e["ts"])
+    if not events:
+        return {}
+    first = events[0]
+    window_start, run_start = first["ts"], first["ts"]
+    run_end, last_name = first["ts"] + first["dur"], first["name"]
+    busy = idle = 0.0
+    gaps = defaultdict(lambda: [0.0, 0])
+    for e in events[1:]:
+        start, end = e["ts"], e["ts"] + e["dur"]
+        if start > run_end:
+            busy += run_end - run_start
+            idle += start - run_end
+            gap = gaps[(last_name, e["name"])]
+            gap[0] += start - run_end
+            gap[1] += 1
+            run_start = start
+        if end >= run_end:
+            run_end, last_name = end, e["name"]
+    busy += run_end - run_start
+    window = run_end - window_start
+    largest = sorted(gaps.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"window_us": window, "busy_us": busy, "idle_us": idle, "idle_share": idle / window if window else 0.0,
+            "gaps": [{"before": a, "after": b, "us": us, "count": n} for (a, b), (us, n) in largest]}
+
+
 def summarize(trace: dict) -> dict:
     """Per-category time (us) and share, the top ops, and the memory figures saved with the trace."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
@@ -128,6 +163,7 @@ def summarize(trace: dict) -> dict:
         "shares": {c: (t / total if total else 0.0) for c, t in times.items()},
         "top_ops": [{"name": n, "us": t, "share": t / total if total else 0.0} for n, t in top],
         "ranges_seen": sorted({e["name"] for e in host if e["name"] in RANGES}),
+        "idle": device_idle(device),
         "meta": trace.get(METADATA_KEY, {}),
     }
 
@@ -159,7 +195,20 @@ def format_summary(s: dict) -> str:
               " (no kv_quantize/kv_dequantize/kv_attend ranges in this trace: quantize/dequantize "
               "ops are counted by their enclosing op, mostly as other)")
     return (f"Profile summary ({what}, {where}): of {s['total_us'] / 1000:.1f} ms {s['basis']}, "
-            f"{parts}{ranges}. Top ops: {top}. {memory_sentence(meta)}")
+            f"{parts}{ranges}. Top ops: {top}. {idle_sentence(s.get('idle'))}{memory_sentence(meta)}")
+
+
+def idle_sentence(idle) -> str:
+    """The GPU's idle time and its largest boundary, or nothing for a trace without device events."""
+    if not idle:
+        return ""
+    text = (f"GPU idle {idle['idle_us'] / 1000:.2f} ms of the {idle['window_us'] / 1000:.2f} ms from its first "
+            f"kernel to its last ({idle['idle_share']:.1%})")
+    if idle["gaps"]:
+        g = idle["gaps"][0]
+        text += (f", most of it after {g['before'][:60]} before {g['after'][:60]} "
+                 f"({g['us'] / 1000:.2f} ms, {g['count']} {'gap' if g['count'] == 1 else 'gaps'})")
+    return text + ". "
 
 
 def format_comparison(names: list[str], summaries: list[dict]) -> str:
@@ -171,7 +220,15 @@ def format_comparison(names: list[str], summaries: list[dict]) -> str:
     lines.append(f"{'total':<24}" + "".join(f"{s['total_us'] / 1000:>{width - 9}.2f} ms {1:>5.0%}" for s in summaries))
     kv = "".join(f"{(s['meta'].get('kv_bytes') or 0) / 2**20:>{width - 4}.2f} MiB" for s in summaries)
     lines.append(f"{'KV cache':<24}{kv}")
+    if any(s.get("idle") for s in summaries):
+        idle = "".join(f"{s['idle']['idle_us'] / 1000:>{width - 9}.2f} ms {s['idle']['idle_share']:>5.1%}" if s.get("idle")
+                       else f"{'-':>{width}}" for s in summaries)
+        lines.append(f"{'GPU idle (of window)':<24}{idle}")
     for n, s in zip(names, summaries):
         lines.append(f"\ntop ops of {n} ({s['basis']}):")
         lines += [f"  {o['us'] / 1000:10.2f} ms {o['share']:6.1%}  {o['name'][:90]}" for o in s["top_ops"]]
+        if s.get("idle", {}).get("gaps"):
+            lines.append(f"largest GPU idle gaps of {n} (the event before, the one after):")
+            lines += [f"  {g['us'] / 1000:10.3f} ms in {g['count']:5d}  {g['before'][:50]} -> {g['after'][:50]}"
+                      for g in s["idle"]["gaps"]]
     return "\n".join(lines)

@@ -15,7 +15,10 @@ and the step reads the current position from a device tensor. For each context:
     buffer) over the copy bandwidth measured here;
   - on CUDA, every kernel of the step with its calls and microseconds (busy_ms: their sum).
 Writes JSON (every figure, the command, commit and device) and a PNG of step time vs context
-next to it; neither ever replaces an existing file. --layers N keeps N of the preset's layers, for
+next to it; neither ever replaces an existing file. --trace also writes each row's profiler trace
+(10 steps) beside them, OUT.b{batch}.{strategy}.{context}.trace.json, for `python -m
+scripts.summarize_profile` (the time per kernel category, and how long the GPU sat idle between
+kernels, with the boundaries the idle time fell on). --layers N keeps N of the preset's layers, for
 quick kernel studies. On the CPU (fp32) no bandwidth is measured, so there is no floor.
 
 Tensor parallel: `torchrun --standalone --nproc_per_node 2 -m scripts.benchmark ...` shards the
@@ -38,6 +41,7 @@ import torch
 
 from atomic_write import write_atomically
 import tp
+from profile_summary import METADATA_KEY
 from generate import UserError, compiled_step, pick_device
 from model import PRESETS, ModelArgs, Transformer
 from strategies import KIVI_GROUPS, cache_factory, check_settings
@@ -175,6 +179,35 @@ def kernel_table(step, model, x, input_pos, n_steps: int = 10) -> dict:
     return {"busy_ms": busy_us / 1000, "kernels": kernels}
 
 
+def write_trace(step, model, x, input_pos, path: Path, meta: dict, cuda: bool, n_steps: int = 10) -> None:
+    """The profiler's Chrome trace of n_steps steps (host ops; on CUDA also every kernel, copy
+    and memset), with `meta` under profile_summary's key, written whole or not at all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n_steps):
+            step(model, x, input_pos, 0.0, None)
+        if cuda:
+            torch.cuda.synchronize()
+        prof.add_metadata_json(METADATA_KEY, json.dumps(meta))  # (kept only while it records)
+    write_atomically(path, lambda tmp: prof.export_chrome_trace(str(tmp)))
+
+
+def trace_paths(args) -> list[Path]:
+    """Where --trace writes each row's trace: OUT.b{batch}.{strategy}.{context}.trace.json."""
+    return [trace_path(args.out, batch, name, ctx) for batch in args.batch_sizes for name in args.strategies
+            for ctx in row_contexts(args, batch)]
+
+
+def trace_path(out: Path, batch: int, name: str, ctx: int) -> Path:
+    return out.with_name(f"{out.stem}.b{batch}.{name}.{ctx}.trace.json")
+
+
+def row_contexts(args, batch: int) -> list[int]:
+    return list(args.contexts) + ([args.long_context] if batch == 1 and args.long_context else [])
+
+
 def strategy_settings(name: str, args) -> dict:
     settings = dict(STRATEGY_SETTINGS[name])
     if settings["strategy"] != "full":
@@ -187,7 +220,7 @@ def strategy_settings(name: str, args) -> dict:
 def run_config(model, batch, name, args, device, bandwidth) -> tuple[list[dict], Optional[str]]:
     """bench_config's rows, or why this (batch, strategy) was skipped: settings that do not fit
     the model, or caches too large for the device. Anything else is a bug and propagates."""
-    contexts = list(args.contexts) + ([args.long_context] if batch == 1 and args.long_context else [])
+    contexts = row_contexts(args, batch)
     settings = strategy_settings(name, args)
     try:
         check_settings(settings, model.config.head_dim, max(contexts) + CACHE_MARGIN, device.split(":")[0])
@@ -238,6 +271,10 @@ def bench_config(model, batch, name, settings, contexts, args, device, bandwidth
             row["roofline_fraction"] = row["floor_ms"] / ms if bandwidth else None
             if cuda:
                 row.update(kernel_table(step, model, x, input_pos))
+            if args.trace and tp.is_main():
+                meta = {"settings": {"batch": batch, "strategy": name, "context": ctx, "weights": args.weights},
+                        "device": device, "steps": 10}
+                write_trace(step, model, x, input_pos, trace_path(args.out, batch, name, ctx), meta, cuda)
             rows.append(row)
             floor = f"floor {row['floor_ms']:7.3f} ms  ({row['roofline_fraction']:.0%} of roofline)" if bandwidth else "floor n/a"
             busy = f"  kernels busy {row['busy_ms']:.3f} ms" if cuda else ""
@@ -313,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager decode step, for CPU smoke runs (default: compiled, with CUDA graphs on the GPU)")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark.json"),
                    help="results JSON, never overwritten; the PNG goes next to it (default: %(default)s)")
+    p.add_argument("--trace", action="store_true",
+                   help="also write each row's profiler trace of 10 steps beside --out, "
+                        "OUT.b{batch}.{strategy}.{context}.trace.json, for scripts.summarize_profile")
     return p
 
 
@@ -332,9 +372,10 @@ def check_args(args) -> None:
             raise UserError(f"--{name} must be 0 or more, got {getattr(args, name)}")
 
 
-def check_out(out: Path) -> None:
-    """Results are never overwritten: neither the JSON nor the PNG beside it may exist yet."""
-    for path in (out, out.with_suffix(".png")):
+def check_out(out: Path, traces: list[Path]) -> None:
+    """Results are never overwritten: neither the JSON, the PNG beside it nor a --trace file may
+    exist yet."""
+    for path in (out, out.with_suffix(".png"), *traces):
         if path.exists():
             raise UserError(f"{path} exists; pass another --out (results are never overwritten)")
     try:
@@ -358,7 +399,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         check_args(args)
         device = join_launch(pick_device(args.device))
         if tp.is_main():
-            check_out(args.out)
+            check_out(args.out, trace_paths(args) if args.trace else [])
     except UserError as e:
         sys.exit(f"error: {e}")
     if not tp.is_main():

@@ -39,6 +39,31 @@ def test_never_overwrites(tmp_path):
     assert r.returncode != 0 and "exists" in r.stderr and out.read_text() == "{}"
 
 
+def test_trace_per_row_that_summarize_profile_reads(tmp_path):
+    """--trace: one profiler trace per row beside the JSON, carrying the row's settings, that
+    scripts.summarize_profile reads (on the CPU: host ops, no GPU idle figures); an existing trace
+    file is never overwritten."""
+    from profile_summary import summarize
+
+    r, out = bench(tmp_path, "--layers", "1", "--strategies", "full", "int8", "--trace")
+    assert r.returncode == 0, r.stderr
+    traces = sorted(p.name for p in tmp_path.glob("*.trace.json"))
+    assert traces == [f"b.b1.{s}.{c}.trace.json" for s in ("full", "int8") for c in (32, 64)]
+    summary = summarize(json.loads((tmp_path / "b.b1.int8.64.trace.json").read_text()))
+    assert summary["total_us"] > 0 and summary["idle"] == {}
+    assert summary["meta"]["settings"] == {"batch": 1, "strategy": "int8", "context": 64, "weights": "bf16"}
+    s = subprocess.run([sys.executable, "-m", "scripts.summarize_profile", str(tmp_path / "b.b1.full.32.trace.json")],
+                       capture_output=True, text=True)
+    assert s.returncode == 0 and "strategy=full, context=32" in s.stdout, s.stderr
+    # A second run with another --out but a trace name taken: refused before anything runs.
+    (tmp_path / "c.b1.full.64.trace.json").write_text("mine")
+    cmd = list(r.args)
+    cmd[cmd.index("--out") + 1] = str(tmp_path / "c.json")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode != 0 and "c.b1.full.64.trace.json exists" in r.stderr
+    assert (tmp_path / "c.b1.full.64.trace.json").read_text() == "mine" and not (tmp_path / "c.json").exists()
+
+
 def test_prints_no_floor_without_a_measured_bandwidth(tmp_path):
     r, out = bench(tmp_path, "--layers", "1", "--strategies", "full")
     assert r.returncode == 0, r.stderr

@@ -303,6 +303,41 @@ def test_graph_replayed_engine_kernels_are_named_by_their_own_names():
     assert s["times_us"] == pytest.approx({"attention": 25, "matmul": 50, "kv_quant": 0, "other": 9})
 
 
+def test_gpu_idle_time_and_its_boundaries():
+    """The GPU's idle time between the first device event and the last, each stretch charged to
+    the event that ended last before it and the one after it. Events that overlap (a kernel
+    launched early by PDL, a copy on another stream) count once; a kernel that starts inside a
+    longer one leaves no gap behind it."""
+    trace = {"traceEvents": [
+        _x("norm", 0, 10, cat="kernel"), _x("linear_kernel", 8, 30, cat="kernel"),  # PDL: 8-10 overlap
+        _x("Memcpy DtoD", 12, 4, cat="gpu_memcpy"),  # inside linear, another stream
+        _x("token_partial_kernel", 41, 9, cat="kernel"),  # 3 us after linear_kernel
+        _x("combine_kernel", 52, 2, cat="kernel"),  # 2 us after token_partial
+        _x("norm", 60, 10, cat="kernel"), _x("short", 61, 1, cat="kernel"),  # 6 us after combine
+        _x("linear_kernel", 73, 7, cat="kernel"),  # 3 us after the norm, not after `short`
+        _x("cudaLaunchKernel", 90, 50, cat="cuda_runtime"),  # host events do not count
+    ]}
+    idle = sp.summarize(trace)["idle"]
+    assert idle["window_us"] == 80 and idle["idle_us"] == 14 and idle["busy_us"] == 66
+    assert idle["idle_share"] == pytest.approx(14 / 80)
+    assert idle["gaps"] == [
+        {"before": "combine_kernel", "after": "norm", "us": 6, "count": 1},
+        {"before": "linear_kernel", "after": "token_partial_kernel", "us": 3, "count": 1},
+        {"before": "norm", "after": "linear_kernel", "us": 3, "count": 1},
+        {"before": "token_partial_kernel", "after": "combine_kernel", "us": 2, "count": 1},
+    ]
+    assert "GPU idle 0.01 ms of the 0.08 ms" in sp.format_summary(sp.summarize(trace))
+    # The same boundary twice adds up.
+    repeated = {"traceEvents": [_x("a", 0, 1, cat="kernel"), _x("b", 3, 1, cat="kernel"), _x("a", 4, 1, cat="kernel"),
+                                _x("b", 9, 1, cat="kernel")]}
+    assert sp.summarize(repeated)["idle"]["gaps"] == [{"before": "a", "after": "b", "us": 6, "count": 2}]
+    # A trace with no device events (a CPU run) has no idle figures and says nothing of them.
+    host_only = {"traceEvents": [_x("aten::mm", 0, 10)]}
+    assert sp.summarize(host_only)["idle"] == {} and "GPU idle" not in sp.format_summary(sp.summarize(host_only))
+    table = sp.format_comparison(["gpu", "cpu"], [sp.summarize(trace), sp.summarize(host_only)])
+    assert "GPU idle (of window)" in table and "0.006 ms in     1  combine_kernel -> norm" in table
+
+
 def test_every_decode_attention_kernel_is_attention():
     """Each Triton kernel of decode_kernels*.py (the `*_kernel` functions) is named in
     DECODE_KERNELS, so that a renamed or new kernel cannot fall into "other" unseen."""

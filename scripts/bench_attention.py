@@ -50,7 +50,7 @@ RESIDUAL = 64  # exact slots after a quantized body (valid of 128)
 MODE_BITS = {"int8": (8, None), "fp8": ("fp8", None), "int4": (4, KIVI_GROUPS[4]), "int2": (2, KIVI_GROUPS[2])}
 MODE_FORMAT = {"bf16": "exact"}  # else the mode is the format
 # What --splits sets the format's split minimum to (tokens of capacity per split at least:
-# decode_kernels.MIN_SPLIT, shipped 1024, or EXACT_MIN_SPLIT for bf16, 4096; the split count is
+# decode_kernels.MIN_SPLIT, shipped 1024, or EXACT_MIN_SPLIT for bf16, 2048; the split count is
 # also capped by the config's waves and raised by the fill rule of plan_splits), at every case.
 SPLIT_SWEEP = (256, 512, 1024, 2048, 4096)
 # What --fill sets decode_kernels.FILL_WARPS_PER_SM to (the fewest warps per SM the split grid

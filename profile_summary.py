@@ -93,7 +93,9 @@ def device_idle(device: list[dict], top: int = 5) -> dict:
     """The GPU's idle time in the window from the first device event's start to the last one's
     end (events on every stream together; overlapping ones, as with programmatic dependent launch,
     count once), and the `top` boundaries with the most of it: for each, the event that ended last
-    before the gap and the one that started it, with the summed gap (us) and how often it came."""
+    before the gap and the one that started it, with the summed gap (us), how often it came and its
+    longest single gap (a trace's first step can wait hundreds of us on the host's first graph
+    launch, a one-off that the steps after it do not repeat)."""
     events = sorted(device, key=lambda e: e["ts"])
     if not events:
         return {}
@@ -101,7 +103,7 @@ def device_idle(device: list[dict], top: int = 5) -> dict:
     window_start, run_start = first["ts"], first["ts"]
     run_end, last_name = first["ts"] + first["dur"], first["name"]
     busy = idle = 0.0
-    gaps = defaultdict(lambda: [0.0, 0])
+    gaps = defaultdict(lambda: [0.0, 0, 0.0])
     for e in events[1:]:
         start, end = e["ts"], e["ts"] + e["dur"]
         if start > run_end:
@@ -110,6 +112,7 @@ def device_idle(device: list[dict], top: int = 5) -> dict:
             gap = gaps[(last_name, e["name"])]
             gap[0] += start - run_end
             gap[1] += 1
+            gap[2] = max(gap[2], start - run_end)
             run_start = start
         if end >= run_end:
             run_end, last_name = end, e["name"]
@@ -117,7 +120,8 @@ def device_idle(device: list[dict], top: int = 5) -> dict:
     window = run_end - window_start
     largest = sorted(gaps.items(), key=lambda kv: -kv[1][0])[:top]
     return {"window_us": window, "busy_us": busy, "idle_us": idle, "idle_share": idle / window if window else 0.0,
-            "gaps": [{"before": a, "after": b, "us": us, "count": n} for (a, b), (us, n) in largest]}
+            "gaps": [{"before": a, "after": b, "us": us, "count": n, "longest_us": longest}
+                     for (a, b), (us, n, longest) in largest]}
 
 
 def summarize(trace: dict) -> dict:
@@ -207,8 +211,14 @@ def idle_sentence(idle) -> str:
     if idle["gaps"]:
         g = idle["gaps"][0]
         text += (f", most of it after {g['before'][:60]} before {g['after'][:60]} "
-                 f"({g['us'] / 1000:.2f} ms, {g['count']} {'gap' if g['count'] == 1 else 'gaps'})")
+                 f"({g['us'] / 1000:.2f} ms, {_gaps(g)})")
     return text + ". "
+
+
+def _gaps(g) -> str:
+    if g["count"] == 1:
+        return "1 gap"
+    return f"{g['count']} gaps, the longest {g['longest_us'] / 1000:.2f} ms"
 
 
 def format_comparison(names: list[str], summaries: list[dict]) -> str:
@@ -229,6 +239,6 @@ def format_comparison(names: list[str], summaries: list[dict]) -> str:
         lines += [f"  {o['us'] / 1000:10.2f} ms {o['share']:6.1%}  {o['name'][:90]}" for o in s["top_ops"]]
         if s.get("idle", {}).get("gaps"):
             lines.append(f"largest GPU idle gaps of {n} (the event before, the one after):")
-            lines += [f"  {g['us'] / 1000:10.3f} ms in {g['count']:5d}  {g['before'][:50]} -> {g['after'][:50]}"
-                      for g in s["idle"]["gaps"]]
+            lines += [f"  {g['us'] / 1000:10.3f} ms in {g['count']:5d} (longest {g['longest_us'] / 1000:.3f})  "
+                      f"{g['before'][:50]} -> {g['after'][:50]}" for g in s["idle"]["gaps"]]
     return "\n".join(lines)

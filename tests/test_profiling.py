@@ -321,21 +321,24 @@ def test_gpu_idle_time_and_its_boundaries():
     assert idle["window_us"] == 80 and idle["idle_us"] == 14 and idle["busy_us"] == 66
     assert idle["idle_share"] == pytest.approx(14 / 80)
     assert idle["gaps"] == [
-        {"before": "combine_kernel", "after": "norm", "us": 6, "count": 1},
-        {"before": "linear_kernel", "after": "token_partial_kernel", "us": 3, "count": 1},
-        {"before": "norm", "after": "linear_kernel", "us": 3, "count": 1},
-        {"before": "token_partial_kernel", "after": "combine_kernel", "us": 2, "count": 1},
+        {"before": "combine_kernel", "after": "norm", "us": 6, "count": 1, "longest_us": 6},
+        {"before": "linear_kernel", "after": "token_partial_kernel", "us": 3, "count": 1, "longest_us": 3},
+        {"before": "norm", "after": "linear_kernel", "us": 3, "count": 1, "longest_us": 3},
+        {"before": "token_partial_kernel", "after": "combine_kernel", "us": 2, "count": 1, "longest_us": 2},
     ]
     assert "GPU idle 0.01 ms of the 0.08 ms" in sp.format_summary(sp.summarize(trace))
-    # The same boundary twice adds up.
+    # The same boundary twice adds up, and the longest of its gaps is kept: a trace's first step
+    # can wait long on the host's first graph launch, where the later ones do not.
     repeated = {"traceEvents": [_x("a", 0, 1, cat="kernel"), _x("b", 3, 1, cat="kernel"), _x("a", 4, 1, cat="kernel"),
                                 _x("b", 9, 1, cat="kernel")]}
-    assert sp.summarize(repeated)["idle"]["gaps"] == [{"before": "a", "after": "b", "us": 6, "count": 2}]
+    summary = sp.summarize(repeated)
+    assert summary["idle"]["gaps"] == [{"before": "a", "after": "b", "us": 6, "count": 2, "longest_us": 4}]
+    assert "after a before b (0.01 ms, 2 gaps, the longest 0.00 ms)" in sp.format_summary(summary)
     # A trace with no device events (a CPU run) has no idle figures and says nothing of them.
     host_only = {"traceEvents": [_x("aten::mm", 0, 10)]}
     assert sp.summarize(host_only)["idle"] == {} and "GPU idle" not in sp.format_summary(sp.summarize(host_only))
     table = sp.format_comparison(["gpu", "cpu"], [sp.summarize(trace), sp.summarize(host_only)])
-    assert "GPU idle (of window)" in table and "0.006 ms in     1  combine_kernel -> norm" in table
+    assert "GPU idle (of window)" in table and "0.006 ms in     1 (longest 0.006)  combine_kernel -> norm" in table
 
 
 def test_every_decode_attention_kernel_is_attention():

@@ -11,7 +11,11 @@ time between ops (Python, dispatch) shows up under "other".
 
 With device events it also says how long the GPU sat idle (no kernel, copy or memset running on
 any stream) between the first device event and the last, and between which kernels the longest
-idle stretches fell: the launch gaps and host waits that a faster kernel cannot remove.
+idle stretches fell: the launch gaps and host waits that a faster kernel cannot remove; and the
+kernels by launch shape (name, grid, block), so that one kernel's calls on different matrices
+(the engine's linear_kernel: wqkv, wo, the MLP's pair, w2, the output layer) are told apart where
+their grids or blocks differ (two matrices launched alike share a row: the 8B model's wo and w2
+at batch 1).
 
 Categories, for an event and its ancestors on the same thread:
   1. the innermost enclosing profiler range named kv_quantize / kv_dequantize / kv_attend
@@ -124,6 +128,30 @@ def device_idle(device: list[dict], top: int = 5) -> dict:
                      for (a, b), (us, n, longest) in largest]}
 
 
+def kernel_launches(device: list[dict], top: int = 12) -> list[dict]:
+    """The `top` kernels by summed time, one row per launch shape: name, grid, block, calls, us in
+    all and per call (copies and memsets have no shape; they keep one row per name)."""
+    shapes = defaultdict(lambda: [0.0, 0])
+    for e in device:
+        args = e.get("args", {})
+        shape = shapes[(e["name"], str(args.get("grid", "")), str(args.get("block", "")))]
+        shape[0] += e["dur"]
+        shape[1] += 1
+    largest = sorted(shapes.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"name": n, "grid": g, "block": b, "calls": c, "us": us, "us_per_call": us / c}
+            for (n, g, b), (us, c) in largest]
+
+
+def format_launches(s: dict) -> str:
+    """The kernels-by-launch-shape table of a summary with device events ("" without)."""
+    if not s.get("launches"):
+        return ""
+    lines = [f"{'ms':>9} {'calls':>6} {'us/call':>8}  kernel, grid, block"]
+    lines += [f"{k['us'] / 1000:9.3f} {k['calls']:6d} {k['us_per_call']:8.2f}  {k['name'][:70]}, {k['grid']}, {k['block']}"
+              for k in s["launches"]]
+    return "\n".join(lines)
+
+
 def summarize(trace: dict) -> dict:
     """Per-category time (us) and share, the top ops, and the memory figures saved with the trace."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
@@ -168,6 +196,7 @@ def summarize(trace: dict) -> dict:
         "top_ops": [{"name": n, "us": t, "share": t / total if total else 0.0} for n, t in top],
         "ranges_seen": sorted({e["name"] for e in host if e["name"] in RANGES}),
         "idle": device_idle(device),
+        "launches": kernel_launches(device),
         "meta": trace.get(METADATA_KEY, {}),
     }
 

@@ -3,14 +3,15 @@
     python -m scripts.summarize_profile outputs/full.json
     python -m scripts.summarize_profile outputs/full.json outputs/int4.json   # e.g. full vs quantize_kv
 
-profile_summary.py says how the time is split.
+profile_summary.py says how the time is split. With GPU kernels in the trace it also lists them
+by launch shape (name, grid, block): calls, time in all and per call.
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from profile_summary import format_comparison, format_summary, summarize
+from profile_summary import format_comparison, format_launches, format_summary, summarize
 
 
 def load(path: Path) -> dict:
@@ -31,6 +32,8 @@ def main(argv=None) -> None:
     summaries = [summarize(load(t)) for t in args.traces]
     for t, s in zip(args.traces, summaries):
         print(f"{t}: {format_summary(s)}\n")
+        if s["launches"]:
+            print(f"kernels of {t.name} by launch shape (GPU time):\n{format_launches(s)}\n")
     if len(summaries) > 1:
         print(format_comparison([t.stem for t in args.traces], summaries))
     if args.json is not None:

@@ -303,6 +303,25 @@ def test_graph_replayed_engine_kernels_are_named_by_their_own_names():
     assert s["times_us"] == pytest.approx({"attention": 25, "matmul": 50, "kv_quant": 0, "other": 9})
 
 
+def test_kernels_by_launch_shape():
+    """One row per (name, grid, block), heaviest first: the same kernel on two matrices is two
+    rows; a copy without a shape is one row of its own. A CPU trace has none."""
+    trace = {"traceEvents": [
+        _x("linear_kernel", 0, 30, cat="kernel", grid=[896, 1, 1], block=[128, 1, 1]),
+        _x("linear_kernel", 40, 9, cat="kernel", grid=[768, 1, 1], block=[256, 1, 1]),
+        _x("linear_kernel", 50, 31, cat="kernel", grid=[896, 1, 1], block=[128, 1, 1]),
+        _x("Memcpy DtoD", 90, 2, cat="gpu_memcpy"),
+        _x("aten::mm", 0, 100),  # host: not a launch
+    ]}
+    launches = sp.summarize(trace)["launches"]
+    assert [(k["grid"], k["calls"], k["us"], k["us_per_call"]) for k in launches] == [
+        ("[896, 1, 1]", 2, 61, 30.5), ("[768, 1, 1]", 1, 9, 9), ("", 1, 2, 2)]
+    table = sp.format_launches(sp.summarize(trace))
+    assert "    0.061      2    30.50  linear_kernel, [896, 1, 1], [128, 1, 1]" in table
+    host_only = sp.summarize({"traceEvents": [_x("aten::mm", 0, 10)]})
+    assert host_only["launches"] == [] and sp.format_launches(host_only) == ""
+
+
 def test_gpu_idle_time_and_its_boundaries():
     """The GPU's idle time between the first device event and the last, each stretch charged to
     the event that ended last before it and the one after it. Events that overlap (a kernel

@@ -181,7 +181,8 @@ def kernel_table(step, model, x, input_pos, n_steps: int = 10) -> dict:
 
 def write_trace(step, model, x, input_pos, path: Path, meta: dict, cuda: bool, n_steps: int = 10) -> None:
     """The profiler's Chrome trace of n_steps steps (host ops; on CUDA also every kernel, copy
-    and memset), with `meta` under profile_summary's key, written whole or not at all."""
+    and memset), with `meta` and the step count under profile_summary's key, written whole or not
+    at all."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -190,7 +191,7 @@ def write_trace(step, model, x, input_pos, path: Path, meta: dict, cuda: bool, n
             step(model, x, input_pos, 0.0, None)
         if cuda:
             torch.cuda.synchronize()
-        prof.add_metadata_json(METADATA_KEY, json.dumps(meta))  # (kept only while it records)
+        prof.add_metadata_json(METADATA_KEY, json.dumps({**meta, "steps": n_steps}))  # (kept only while it records)
     write_atomically(path, lambda tmp: prof.export_chrome_trace(str(tmp)))
 
 
@@ -273,7 +274,7 @@ def bench_config(model, batch, name, settings, contexts, args, device, bandwidth
                 row.update(kernel_table(step, model, x, input_pos))
             if args.trace and tp.is_main():
                 meta = {"settings": {"batch": batch, "strategy": name, "context": ctx, "weights": args.weights},
-                        "device": device, "steps": 10}
+                        "device": device}
                 write_trace(step, model, x, input_pos, trace_path(args.out, batch, name, ctx), meta, cuda)
             rows.append(row)
             floor = f"floor {row['floor_ms']:7.3f} ms  ({row['roofline_fraction']:.0%} of roofline)" if bandwidth else "floor n/a"

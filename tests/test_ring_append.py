@@ -151,12 +151,13 @@ def check_kernel_against_reference(kernel, bits, dtype, B, Hkv, D, sink, window,
     n = sink + window + evict_block
     ek = torch.randn(B, Hkv, n, D, dtype=dtype, device=device) * 3
     ev = torch.randn(B, Hkv, n, D, dtype=dtype, device=device)
-    body = bits and random_body(bits, B, Hkv, 1024, D, evict_block, dtype, device)
+    capacity = 1024  # body tokens: the positions below complete no group past it
+    body = bits and random_body(bits, B, Hkv, capacity, D, evict_block, dtype, device)
     ek[0, 0, sink + 1] = 0  # an all-zero row: scale 1, codes 0
     first = sink + window + evict_block - 1
     if positions is None:
         positions = list(range(0, first + evict_block + 3)) + list(range(300, 300 + 3 * n, 7))
-        positions += [first + m * evict_block for m in range(3, 20)]
+        positions += [first + m * evict_block for m in range(3, 20) if (m + 1) * evict_block <= capacity]
     for p in positions:
         pos = torch.tensor([p], device=device)
         k = torch.randn(B, Hkv, D, dtype=dtype, device=device)

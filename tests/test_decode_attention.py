@@ -378,8 +378,10 @@ KIVI_TILES = [
     # across warps, value groups wider than a plane and four to a plane, key groups of half a
     # tile (a tile of 16 tokens: half a block of value codes)
     (4, (128, 32), (32, 1)),
+    (4, (128, 64), (32, 1)),
     (4, (128, 32), (32, 4)),
     (2, (32, 32), (32, 1)),
+    (2, (32, 64), (32, 1)),
     (2, (64, 64), (32, 2)),
     (4, (32, 16), (32, 1)),
     (4, (16, 128), (16, 1)),

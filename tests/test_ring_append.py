@@ -131,7 +131,7 @@ def random_body(bits, B, Hkv, L, D, G, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("B,Hkv,D,sink,window,evict_block",
                          [(1, 8, 128, 4, 32, 1), (3, 2, 64, 16, 24, 1), (2, 4, 128, 4, 24, 32), (3, 2, 64, 16, 24, 16),
-                          (1, 8, 128, 16, 32, 256)])
+                          (1, 8, 128, 16, 32, 128), (1, 8, 128, 16, 32, 256)])
 def test_triton_equals_reference(bits, dtype, B, Hkv, D, sink, window, evict_block, n_rep):
     if bits is not None and (bits in (8, "fp8")) != (evict_block == 1):
         pytest.skip("int8 and fp8 evict single tokens, KIVI groups of evict_block")

@@ -487,7 +487,7 @@ def _check_rising_scores(monkeypatch, bits, groups, device):
     assert rel_err(out.cpu(), ref) < 1e-2
 
 
-RISING = [(8, 0), ("fp8", 0), (4, (128, 32)), (2, (32, 32))]  # (bits, KIVI groups)
+RISING = [(8, 0), ("fp8", 0), (4, (128, 64)), (2, (32, 64))]  # (bits, KIVI groups)
 
 
 @interp
@@ -503,7 +503,7 @@ def test_scores_rising_late_interpreted(triton_interpreter, monkeypatch, bits, g
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA (the Triton kernel)")
 
 GPU_SHAPES = [(3, 3, 64), (8, 4, 128)]  # (Hkv, n_rep, D): the default model, Llama-3-8B
-GPU_BODY = [(None, 0), (8, 1), ("fp8", 1), (4, 32), (4, 128), (4, (128, 32)), (2, 32), (2, 64)]  # (bits, groups)
+GPU_BODY = [(None, 0), (8, 1), ("fp8", 1), (4, 32), (4, 128), (4, (128, 32)), (4, (128, 64)), (2, 32), (2, 64), (2, (32, 64))]  # (bits, groups)
 
 
 def fit_groups(groups, D):

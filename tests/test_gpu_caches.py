@@ -23,6 +23,9 @@ SETTINGS = [
     {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 4, "key_group": 32, "value_group": 32},
     {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 2, "key_group": 32, "value_group": 32},
     {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 8, "fp8": True},
+    # the shipped KIVI groups (strategies.KIVI_GROUPS; a 64-channel value group is the whole head here)
+    {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 4, "key_group": 128, "value_group": 64},
+    {"strategy": "quantize_kv", "sink_size": 4, "window_size": 24, "bits": 2, "key_group": 32, "value_group": 64},
 ]
 
 

@@ -374,9 +374,10 @@ def test_exact_slots_behind_a_body_one_tile_per_split_interpreted(triton_interpr
 
 
 KIVI_TILES = [
-    # bits, (key group, value group), (BLOCK_N, num_warps): the shipped groups and tile, the tile
-    # across warps, value groups wider than a plane and four to a plane, key groups of half a
-    # tile (a tile of 16 tokens: half a block of value codes)
+    # bits, (key group, value group), (BLOCK_N, num_warps): the earlier 32-channel value groups and
+    # the shipped 64-channel ones on the shipped tile, the tile across warps, value groups wider
+    # than a plane and four to a plane, key groups of half a tile (a tile of 16 tokens: half a
+    # block of value codes)
     (4, (128, 32), (32, 1)),
     (4, (128, 64), (32, 1)),
     (4, (128, 32), (32, 4)),

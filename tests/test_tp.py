@@ -119,10 +119,10 @@ def finish(result: dict, out: Path) -> None:
     # A leaked group's threads never end; gloo's transport loop was once seen still ending right
     # after shutdown() (1 of about 20 runs), so they get a few seconds before this fails.
     deadline = time.monotonic() + 5
-    while gloo_threads() and time.monotonic() < deadline:
+    while (left := gloo_threads()) and time.monotonic() < deadline:
         time.sleep(0.01)
-    if gloo_threads():
-        sys.exit(f"error: gloo threads outlived shutdown(): {gloo_threads()}")
+    if left:
+        sys.exit(f"error: gloo threads outlived shutdown(): {left}")
 
 
 def gloo_threads() -> list[str]:

@@ -147,7 +147,8 @@ def score_start(q, codes, FORMAT: tl.constexpr, CONVERT_ASM: tl.constexpr):
 @triton.jit
 def split_bounds(split, LEN, cap, n_splits, HAS_LEN: tl.constexpr, BLOCK_N: tl.constexpr):
     """[start, end) of split number `split`: a chunk of the *current* length (read on the device,
-    never past the buffer's capacity), rounded up to the tile. Static grid, dynamic work."""
+    never past the buffer's capacity), rounded up to BLOCK_N (a tile; KIVI: a key group). Static
+    grid, dynamic work."""
     if HAS_LEN:
         seg_len = tl.minimum(tl.load(LEN).to(tl.int32), cap)
     else:

@@ -6,7 +6,8 @@ Planar packing (kv_quant): byte j of a token holds channels j, j + DP, ... at bi
 ...; plane i = channels [i*DP, (i+1)*DP). Key codes are token-major rows of DP bytes; value codes
 come in blocks of VB = 32 tokens, channel-major inside (kv_quant.VALUE_BLOCK). A tile of
 BLOCK_N tokens lies in one key group (G) and one block of value codes; its codes are loaded once
-and unpacked per plane in registers, in the layout the dots read.
+and unpacked per plane in registers, in the layout the dots read. A split holds whole key groups
+and loops over them, and over each group's tiles inside (one fused, pipelined loop).
 
 Tokens are the rows of every dot, the query heads its columns (NH: the GQA group padded to the 8
 columns of a tensor-core tile, where rows would pad it to 16): scores [BLOCK_N, NH] = keys
@@ -216,7 +217,7 @@ def kivi_partial(
     written at split index sp. Tokens are the rows of every dot (module docstring)."""
     b = tl.program_id(0) // Hkv
     h = tl.program_id(0) % Hkv
-    start, end = split_bounds(split, LEN, cap, n_splits, True, BLOCK_N)
+    start, end = split_bounds(split, LEN, cap, n_splits, True, G)
 
     DP: tl.constexpr = D * BITS // 8  # bytes per token
     NPL: tl.constexpr = 8 // BITS  # planes
@@ -253,17 +254,23 @@ def kivi_partial(
     l_part = tl.zeros([BLOCK_N, NH], tl.float32)
     b_parts = (tl.zeros([BLOCK_N, NH], tl.float32),) * NPK
 
-    n_tiles, first = tile_order(split, start, end, BLOCK_N)  # tiles visited from `first` on, wrapping
-    n_first = tile_start(0, first, n_tiles, start, BLOCK_N)
-    # The scales and zeros are loaded one tile ahead: the pipeliner stages only the code tiles
-    # the dots read, so a parameter loaded where it is used exposes a whole memory latency.
-    vp_next = _value_params(vs_base, vz_base, n_first + offs_n0, (n_first + offs_n0) < end, svsn, NG, BITS)
-    kp_next = _key_params(ks_base, kz_base, n_first, cap, sksn, G, DP, NPL)
-    if G != BLOCK_N:
-        # The key group's scales and zeros folded into q once per group (below: where a tile
-        # starts one), not once per tile.
-        folded, c = _fold_keys(q_planes, kp_next, BITS)
-    else:
+    # A loop over key groups (a split holds whole ones, visited from `first` on, wrapping) and,
+    # inside, over a group's tiles, which the compiler fuses into one pipelined loop (flatten).
+    # The group's fold is the outer body, so the folded q stays in the score dots' operand
+    # registers for the group's tiles; folded in a loop over tiles it was carried in another
+    # layout and went through shared memory every tile (docs/kernels.md). The tiles' addresses
+    # come from a count of tiles, t, not from the outer loop's index: in the fused loop that index
+    # is set in a branch, and loads whose addresses depend on it are not pipelined.
+    n_groups, first = tile_order(split, start, end, G)
+    TPG: tl.constexpr = G // BLOCK_N  # tiles per key group
+    n_tiles = n_groups * TPG
+    g_first = tile_start(0, first, n_groups, start, G)
+    # The scales and zeros are loaded one tile (values) or group (keys) ahead: the pipeliner
+    # stages only the code tiles the dots read, so a parameter loaded where it is used exposes a
+    # whole memory latency.
+    vp_next = _value_params(vs_base, vz_base, g_first + offs_n0, (g_first + offs_n0) < end, svsn, NG, BITS)
+    kp_next = _key_params(ks_base, kz_base, g_first, cap, sksn, G, DP, NPL)
+    if G == BLOCK_N:
         # Where every tile's key dots start: zeros, made by dots of every plane of q with a
         # loaded key tile times 0, so that q's conversion to the dots' operand layout has a user
         # outside the loop and stays there (decode_kernels.score_start says why).
@@ -272,72 +279,75 @@ def kivi_partial(
         s_start = tl.zeros([BLOCK_N, NH], tl.float32)
         for i in tl.static_range(NPL):
             s_start = tl.dot(f0[i] * 0.0, q_planes[i], s_start)
-    for t in range(0, n_tiles):
-        n0 = tl.multiple_of(tile_start(t, first, n_tiles, start, BLOCK_N), BLOCK_N)
-        offs_n = n0 + offs_n0
-        ok_n = offs_n < end
+    t = 0
+    for gi in tl.range(0, n_groups, flatten=True):
         kp = kp_next
-        va, vb = vp_next
-        n_next = tile_start(t + 1, first, n_tiles, start, BLOCK_N)
-        kp_next = _key_params(ks_base, kz_base, n_next, cap, sksn, G, DP, NPL)
-        ok_next = (n_next + offs_n0) < tl.where(t + 1 < n_tiles, end, 0)  # none after the last
-        vp_next = _value_params(vs_base, vz_base, n_next + offs_n0, ok_next, svsn, NG, BITS)
-        # ---- scores [BLOCK_N, NH], base 2 ----
-        kb = tl.load(k_base + offs_n[:, None] * skn + offs_p[None, :], mask=ok_n[:, None], other=0)  # [BLOCK_N, DP]
-        if G == BLOCK_N:
-            # A key group of one tile: its keys dequantized, k = f * a + b per channel (f = 1 +
-            # code / 2**BITS, a = 2**BITS * scale, b = zero - a), one fp16 FMA per code; q
-            # stays as it is.
-            fk = _unpack(kb, BITS, False, KIVI_ASM)
-            s = s_start
-            for i in tl.static_range(NPL):
-                ka = kp[i][0].to(tl.float32) * (1 << BITS)
-                kz = (kp[i][1].to(tl.float32) - ka).to(tl.float16)
-                s = tl.dot(fk[i] * ka.to(tl.float16)[None, :] + kz[None, :], q_planes[i], s)
-        else:
-            fk = _unpack(kb, BITS, True, KIVI_ASM)
-            if ((n0 % G == 0) | (n0 == start)) & (t != 0):
-                # a group's first tile, or the wrap back to start (which may be inside a group)
-                folded, c = _fold_keys(q_planes, kp, BITS)
-            s = tl.dot(fk[0], folded[0], c[None, :] + tl.zeros([BLOCK_N, NH], tl.float32))
-            for i in tl.static_range(1, NPL):
-                s = tl.dot(fk[i], folded[i], s)
-        s = tl.where(ok_n[:, None], s, float("-inf"))
-        # A lazy running max: it moves only when some score passes it by more than RESCALE_LOG2,
-        # so p stays below 2**RESCALE_LOG2 (fp16 holds it) and most tiles of a long split skip
-        # the accumulators' rescale and the max's reductions: one warp-wide test of the scores.
-        over = tl.reshape((s > (m_i + RESCALE_LOG2)[None, :]).to(tl.int32), [BLOCK_N * NH])
-        if tl.max(over, axis=0) > 0:
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))  # a -inf max always moves
-            alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-            for k in tl.static_range(NPL * NGP):
-                accs = _replace(accs, k, accs[k] * alpha[None, :])
-            l_part = l_part * alpha[None, :]
+        kp_next = _key_params(ks_base, kz_base, tile_start(gi + 1, first, n_groups, start, G), cap, sksn, G, DP, NPL)
+        if G != BLOCK_N:
+            folded, c = _fold_keys(q_planes, kp, BITS)
+        for u in range(0, TPG):
+            n0 = tl.multiple_of(tile_start(t, first * TPG, n_tiles, start, BLOCK_N), BLOCK_N)
+            offs_n = n0 + offs_n0
+            ok_n = offs_n < end
+            va, vb = vp_next
+            t += 1
+            # the next tile (none after the last)
+            n_next = tile_start(t, first * TPG, n_tiles, start, BLOCK_N)
+            ok_next = (n_next + offs_n0) < tl.where(t < n_tiles, end, 0)
+            vp_next = _value_params(vs_base, vz_base, n_next + offs_n0, ok_next, svsn, NG, BITS)
+            # ---- scores [BLOCK_N, NH], base 2 ----
+            kb = tl.load(k_base + offs_n[:, None] * skn + offs_p[None, :], mask=ok_n[:, None], other=0)  # [BLOCK_N, DP]
+            if G == BLOCK_N:
+                # A key group of one tile: its keys dequantized, k = f * a + b per channel (f = 1 +
+                # code / 2**BITS, a = 2**BITS * scale, b = zero - a), one fp16 FMA per code; q
+                # stays as it is.
+                fk = _unpack(kb, BITS, False, KIVI_ASM)
+                s = s_start
+                for i in tl.static_range(NPL):
+                    ka = kp[i][0].to(tl.float32) * (1 << BITS)
+                    kz = (kp[i][1].to(tl.float32) - ka).to(tl.float16)
+                    s = tl.dot(fk[i] * ka.to(tl.float16)[None, :] + kz[None, :], q_planes[i], s)
+            else:
+                fk = _unpack(kb, BITS, True, KIVI_ASM)
+                s = tl.dot(fk[0], folded[0], c[None, :] + tl.zeros([BLOCK_N, NH], tl.float32))
+                for i in tl.static_range(1, NPL):
+                    s = tl.dot(fk[i], folded[i], s)
+            s = tl.where(ok_n[:, None], s, float("-inf"))
+            # A lazy running max: it moves only when some score passes it by more than RESCALE_LOG2,
+            # so p stays below 2**RESCALE_LOG2 (fp16 holds it) and most tiles of a long split skip
+            # the accumulators' rescale and the max's reductions: one warp-wide test of the scores.
+            over = tl.reshape((s > (m_i + RESCALE_LOG2)[None, :]).to(tl.int32), [BLOCK_N * NH])
+            if tl.max(over, axis=0) > 0:
+                m_new = tl.maximum(m_i, tl.max(s, axis=0))  # a -inf max always moves
+                alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+                for k in tl.static_range(NPL * NGP):
+                    accs = _replace(accs, k, accs[k] * alpha[None, :])
+                l_part = l_part * alpha[None, :]
+                for k in tl.static_range(NPK):
+                    b_parts = _replace(b_parts, k, b_parts[k] * alpha[None, :])
+                m_i = m_new
+            p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
+            # ---- values: value = f * a + b per token and group, a folded into P ----
+            l_part += p
+            p_packs = ()
             for k in tl.static_range(NPK):
-                b_parts = _replace(b_parts, k, b_parts[k] * alpha[None, :])
-            m_i = m_new
-        p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
-        # ---- values: value = f * a + b per token and group, a folded into P ----
-        l_part += p
-        p_packs = ()
-        for k in tl.static_range(NPK):
-            a_k = tl.zeros([BLOCK_N, NH], tl.float32)
-            b_k = tl.zeros([BLOCK_N, NH], tl.float32)
-            for r in tl.static_range(NC):
-                if k * NC + r < NG:
-                    a_k = tl.where((copy == r)[None, :], va[k * NC + r][:, None], a_k)
-                    b_k = tl.where((copy == r)[None, :], vb[k * NC + r][:, None], b_k)
-            b_parts = _replace(b_parts, k, b_parts[k] + p * b_k)
-            p_packs = p_packs + ((p * a_k).to(tl.float16),)
-        # The tile lies in one block of value codes, channel-major: part j of it holds rows
-        # [j * GV, (j + 1) * GV) of its bytes, channels j * GV + [0, GV) of every plane.
-        # Unmasked: a tile never passes the capacity (a multiple of VB), codes past the split's
-        # end are valid codes and their probabilities are 0.
-        block = v_base + (n0 // VB) * svn + tl.multiple_of(n0 % VB, BLOCK_N)
-        for j in tl.static_range(NGP):
-            fv = _unpack(tl.load(block + (j * GV + offs_gv)[:, None] * VB + offs_n0[None, :]), BITS, False, KIVI_ASM)
-            for i in tl.static_range(NPL):
-                accs = _replace(accs, i * NGP + j, tl.dot(fv[i], p_packs[(i * DP + j * GV) // VG // NC], accs[i * NGP + j]))
+                a_k = tl.zeros([BLOCK_N, NH], tl.float32)
+                b_k = tl.zeros([BLOCK_N, NH], tl.float32)
+                for r in tl.static_range(NC):
+                    if k * NC + r < NG:
+                        a_k = tl.where((copy == r)[None, :], va[k * NC + r][:, None], a_k)
+                        b_k = tl.where((copy == r)[None, :], vb[k * NC + r][:, None], b_k)
+                b_parts = _replace(b_parts, k, b_parts[k] + p * b_k)
+                p_packs = p_packs + ((p * a_k).to(tl.float16),)
+            # The tile lies in one block of value codes, channel-major: part j of it holds rows
+            # [j * GV, (j + 1) * GV) of its bytes, channels j * GV + [0, GV) of every plane.
+            # Unmasked: a tile never passes the capacity (a multiple of the key group), codes past
+            # the split's end are valid codes and their probabilities are 0.
+            block = v_base + (n0 // VB) * svn + tl.multiple_of(n0 % VB, BLOCK_N)
+            for j in tl.static_range(NGP):
+                fv = _unpack(tl.load(block + (j * GV + offs_gv)[:, None] * VB + offs_n0[None, :]), BITS, False, KIVI_ASM)
+                for i in tl.static_range(NPL):
+                    accs = _replace(accs, i * NGP + j, tl.dot(fv[i], p_packs[(i * DP + j * GV) // VG // NC], accs[i * NGP + j]))
 
     # ---- this split's normalized output and log2-sum-exp ----
     pdl.let_dependents_launch(PDL)

@@ -314,9 +314,10 @@ def test_many_splits_for_a_short_length_interpreted(triton_interpreter, monkeypa
 @pytest.mark.parametrize("bits,groups", [(8, 1), ("fp8", 1), (4, (128, 32)), (4, (64, 32)), (2, 32)])
 def test_tiles_in_a_rotated_order_interpreted(triton_interpreter, monkeypatch, bits, groups):
     """Each program visits its tiles from a hashed start and wraps around (tile_order): 160-token
-    splits of a 1000-token body, five tiles each, most of them starting inside a 128- or 64-token
-    KIVI key group, so the wrap back to a split's start has to fold that group's scales into q
-    again."""
+    splits of a 1000-token body, five tiles each, for the 8-bit formats and int2's one-tile key
+    groups; a KIVI split of longer key groups holds whole groups (two of 128 tokens, three of 64)
+    and visits them from a hashed one, each group's tiles in order and its scales folded into q
+    once, the wrap included; the last group ends inside a tile."""
     import decode_kernels
     from decode_kernels import flash_decode
 
@@ -410,8 +411,8 @@ def _check_kivi_tiles(monkeypatch, kivi, device):
     from decode_kernels import flash_decode
 
     bits, (kg, vg), (block_n, warps) = kivi
-    # Four splits of 192 tokens: each crosses a key group boundary, the second starts inside a
-    # 128-token group, the last ends inside a tile.
+    # Four splits of 192 tokens (of whole key groups: 256 with 128-token groups, so three), each
+    # crossing a key group boundary; the last ends inside a group and inside a tile.
     D, L, body_len = 128, 768, 700
     monkeypatch.setitem(decode_kernels.CONFIGS, (f"int{bits}", D), (block_n, warps, 3, 16))
     monkeypatch.setattr(decode_kernels, "MIN_SPLIT", 192)

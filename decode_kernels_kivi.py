@@ -138,6 +138,20 @@ def _fold_keys(q_planes, params, BITS: tl.constexpr):
 
 
 @triton.jit
+def _dequant_key_params(params, BITS: tl.constexpr):
+    """A one-tile key group's (scale, zero) per plane -> (a, b) per plane in fp16, for k = f * a +
+    b (f = 1 + code / 2**BITS, a = 2**BITS * scale, b = zero - a). Taken where the parameters are
+    loaded, one value per thread: in the loop, after the conversion to the key tile's layout, each
+    thread would do it for its 8 channels of every plane, and a quarter of int2's loop was that
+    (docs/kernels.md)."""
+    out = ()
+    for i in tl.static_range(len(params)):
+        a = params[i][0].to(tl.float32) * (1 << BITS)
+        out = out + ((a.to(tl.float16), (params[i][1].to(tl.float32) - a).to(tl.float16)),)
+    return out
+
+
+@triton.jit
 def _value_params(VS, VZ, offs_n, ok, svsn, NG: tl.constexpr, BITS: tl.constexpr):
     """The value scales and zeros of tokens offs_n [BLOCK_N], as P.V takes them (value = f * a +
     b, f = 1 + code / 2**BITS): two tuples of NG [BLOCK_N] fp32, a = 2**BITS * scale and b = zero
@@ -271,6 +285,7 @@ def kivi_partial(
     vp_next = _value_params(vs_base, vz_base, g_first + offs_n0, (g_first + offs_n0) < end, svsn, NG, BITS)
     kp_next = _key_params(ks_base, kz_base, g_first, cap, sksn, G, DP, NPL)
     if G == BLOCK_N:
+        kp_next = _dequant_key_params(kp_next, BITS)
         # Where every tile's key dots start: zeros, made by dots of every plane of q with a
         # loaded key tile times 0, so that q's conversion to the dots' operand layout has a user
         # outside the loop and stays there (decode_kernels.score_start says why).
@@ -283,6 +298,8 @@ def kivi_partial(
     for gi in tl.range(0, n_groups, flatten=True):
         kp = kp_next
         kp_next = _key_params(ks_base, kz_base, tile_start(gi + 1, first, n_groups, start, G), cap, sksn, G, DP, NPL)
+        if G == BLOCK_N:
+            kp_next = _dequant_key_params(kp_next, BITS)
         if G != BLOCK_N:
             folded, c = _fold_keys(q_planes, kp, BITS)
         for u in range(0, TPG):
@@ -298,15 +315,12 @@ def kivi_partial(
             # ---- scores [BLOCK_N, NH], base 2 ----
             kb = tl.load(k_base + offs_n[:, None] * skn + offs_p[None, :], mask=ok_n[:, None], other=0)  # [BLOCK_N, DP]
             if G == BLOCK_N:
-                # A key group of one tile: its keys dequantized, k = f * a + b per channel (f = 1 +
-                # code / 2**BITS, a = 2**BITS * scale, b = zero - a), one fp16 FMA per code; q
-                # stays as it is.
+                # A key group of one tile: its keys dequantized, k = f * a + b per channel, one
+                # fp16 FMA per code (kp holds (a, b), _dequant_key_params); q stays as it is.
                 fk = _unpack(kb, BITS, False, KIVI_ASM)
                 s = s_start
                 for i in tl.static_range(NPL):
-                    ka = kp[i][0].to(tl.float32) * (1 << BITS)
-                    kz = (kp[i][1].to(tl.float32) - ka).to(tl.float16)
-                    s = tl.dot(fk[i] * ka.to(tl.float16)[None, :] + kz[None, :], q_planes[i], s)
+                    s = tl.dot(fk[i] * kp[i][0][None, :] + kp[i][1][None, :], q_planes[i], s)
             else:
                 fk = _unpack(kb, BITS, True, KIVI_ASM)
                 s = tl.dot(fk[0], folded[0], c[None, :] + tl.zeros([BLOCK_N, NH], tl.float32))

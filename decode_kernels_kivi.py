@@ -348,7 +348,7 @@ def kivi_partial(
                               G != BLOCK_N)
         if G == BLOCK_N:
             kp_next = _dequant_key_params(kp_next, BITS)
-        if G != BLOCK_N:
+        else:
             folded, c = _fold_keys(q_planes, kp, BITS)
         for u in range(0, TPG):
             n0 = tl.multiple_of(tile_start(t, first * TPG, n_tiles, start, BLOCK_N), BLOCK_N)

@@ -15,7 +15,7 @@ idle stretches fell: the launch gaps and host waits that a faster kernel cannot 
 kernels by launch shape (name, grid, block), so that one kernel's calls on different matrices
 (the engine's linear_kernel: wqkv, wo, the MLP's pair, w2, the output layer) are told apart where
 their grids or blocks differ (two matrices launched alike share a row: the 8B model's wo and w2
-at batch 1).
+at batch 1), each with its GPU time and its advance (the busy time no earlier event covers).
 
 Categories, for an event and its ancestors on the same thread:
   1. the innermost enclosing profiler range named kv_quantize / kv_dequantize / kv_attend
@@ -130,25 +130,34 @@ def device_idle(device: list[dict], top: int = 5) -> dict:
 
 def kernel_launches(device: list[dict], top: int = 12) -> list[dict]:
     """The `top` kernels by summed time, one row per launch shape: name, grid, block, calls, us in
-    all and per call (copies and memsets have no shape; they keep one row per name)."""
-    shapes = defaultdict(lambda: [0.0, 0])
-    for e in device:
+    all and per call, and their advance: the time each call kept the GPU busy past every event that
+    started before it. Durations overlap where programmatic dependent launch starts a kernel while
+    the one before still runs (its early programs wait, and that wait is in its duration), so they
+    add up to more than the run; the advances add up to the GPU's busy time, and a kernel's advance
+    is what the run would lose without it: a batch-1 step's critical path by kernel. (Copies and
+    memsets have no shape; they keep one row per name.)"""
+    shapes = defaultdict(lambda: [0.0, 0, 0.0])
+    run_end = float("-inf")
+    for e in sorted(device, key=lambda e: e["ts"]):
         args = e.get("args", {})
         shape = shapes[(e["name"], str(args.get("grid", "")), str(args.get("block", "")))]
+        end = e["ts"] + e["dur"]
         shape[0] += e["dur"]
         shape[1] += 1
+        shape[2] += max(0.0, end - max(e["ts"], run_end))
+        run_end = max(run_end, end)
     largest = sorted(shapes.items(), key=lambda kv: -kv[1][0])[:top]
-    return [{"name": n, "grid": g, "block": b, "calls": c, "us": us, "us_per_call": us / c}
-            for (n, g, b), (us, c) in largest]
+    return [{"name": n, "grid": g, "block": b, "calls": c, "us": us, "us_per_call": us / c, "advance_us": adv}
+            for (n, g, b), (us, c, adv) in largest]
 
 
 def format_launches(s: dict) -> str:
     """The kernels-by-launch-shape table of a summary with device events ("" without)."""
     if not s.get("launches"):
         return ""
-    lines = [f"{'ms':>9} {'calls':>6} {'us/call':>8}  kernel, grid, block"]
-    lines += [f"{k['us'] / 1000:9.3f} {k['calls']:6d} {k['us_per_call']:8.2f}  {k['name'][:70]}, {k['grid']}, {k['block']}"
-              for k in s["launches"]]
+    lines = [f"{'ms':>9} {'advance':>9} {'calls':>6} {'us/call':>8}  kernel, grid, block"]
+    lines += [f"{k['us'] / 1000:9.3f} {k['advance_us'] / 1000:9.3f} {k['calls']:6d} {k['us_per_call']:8.2f}  "
+              f"{k['name'][:70]}, {k['grid']}, {k['block']}" for k in s["launches"]]
     return "\n".join(lines)
 
 

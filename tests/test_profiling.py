@@ -317,9 +317,27 @@ def test_kernels_by_launch_shape():
     assert [(k["grid"], k["calls"], k["us"], k["us_per_call"]) for k in launches] == [
         ("[896, 1, 1]", 2, 61, 30.5), ("[768, 1, 1]", 1, 9, 9), ("", 1, 2, 2)]
     table = sp.format_launches(sp.summarize(trace))
-    assert "    0.061      2    30.50  linear_kernel, [896, 1, 1], [128, 1, 1]" in table
+    assert "    0.061     0.061      2    30.50  linear_kernel, [896, 1, 1], [128, 1, 1]" in table
     host_only = sp.summarize({"traceEvents": [_x("aten::mm", 0, 10)]})
     assert host_only["launches"] == [] and sp.format_launches(host_only) == ""
+
+
+def test_advance_counts_overlapping_calls_once():
+    """A kernel launched early (PDL) overlaps the one before: its duration includes the wait, its
+    advance only what it ran past the other's end. The advances add up to the busy time, gaps not
+    included; a kernel inside a longer one advances nothing."""
+    trace = {"traceEvents": [
+        _x("linear_kernel", 0, 10, cat="kernel", grid=[768, 1, 1], block=[256, 1, 1]),
+        _x("token_partial_kernel", 6, 7, cat="kernel", grid=[8, 17, 1], block=[128, 1, 1]),  # early: 3 past
+        _x("combine_kernel", 20, 2, cat="kernel", grid=[32, 4, 1], block=[32, 1, 1]),  # after a gap of 7
+        _x("linear_kernel", 30, 20, cat="kernel", grid=[768, 1, 1], block=[256, 1, 1]),
+        _x("Memcpy DtoD", 35, 4, cat="gpu_memcpy"),  # inside the product
+    ]}
+    s = sp.summarize(trace)
+    advance = {k["name"]: (k["us"], k["advance_us"]) for k in s["launches"]}
+    assert advance == {"linear_kernel": (30, 30), "token_partial_kernel": (7, 3), "combine_kernel": (2, 2),
+                       "Memcpy DtoD": (4, 0)}
+    assert sum(k["advance_us"] for k in s["launches"]) == pytest.approx(s["idle"]["busy_us"])
 
 
 def test_gpu_idle_time_and_its_boundaries():

@@ -133,9 +133,9 @@ def kernel_launches(device: list[dict], top: int = 12) -> list[dict]:
     all and per call, and their advance: the time each call kept the GPU busy past every event that
     started before it. Durations overlap where programmatic dependent launch starts a kernel while
     the one before still runs (its early programs wait, and that wait is in its duration), so they
-    add up to more than the run; the advances add up to the GPU's busy time, and a kernel's advance
-    is what the run would lose without it: a batch-1 step's critical path by kernel. (Copies and
-    memsets have no shape; they keep one row per name.)"""
+    add up to more than the run; the advances add up to the GPU's busy time, so in a chain of
+    kernels that each wait for the one before (a batch-1 decode step) they split the step's
+    critical path by kernel. (Copies and memsets have no shape; they keep one row per name.)"""
     shapes = defaultdict(lambda: [0.0, 0, 0.0])
     run_end = float("-inf")
     for e in sorted(device, key=lambda e: e["ts"]):

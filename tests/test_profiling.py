@@ -271,6 +271,28 @@ def test_summarize_script_compares_two_traces(tmp_path, capsys):
     assert set(json.loads((tmp_path / "cmp.json").read_text())) == {str(tmp_path / "full.json"), str(tmp_path / "quant.json")}
 
 
+def test_summarize_script_reads_gzipped_traces_and_never_overwrites(tmp_path, capsys):
+    """A gzipped trace reads like the plain one; a file that is neither is a one-line error; --json
+    refuses a file that exists and leaves it as it was."""
+    import gzip
+
+    profiled_tiny_run(tmp_path, "full", {"strategy": "full"})
+    plain = tmp_path / "full.json"
+    packed = tmp_path / "full.json.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    summarize_profile.main([str(packed), "--json", str(tmp_path / "s.json")])
+    summarize_profile.main([str(plain), "--json", str(tmp_path / "t.json")])
+    s, t = (json.loads((tmp_path / n).read_text()) for n in ("s.json", "t.json"))
+    assert s[str(packed)] == t[str(plain)]
+    capsys.readouterr()
+    (tmp_path / "junk.bin").write_bytes(bytes(range(256)))
+    with pytest.raises(SystemExit, match="is not a JSON trace"):
+        summarize_profile.main([str(tmp_path / "junk.bin")])
+    with pytest.raises(SystemExit, match="exists"):
+        summarize_profile.main([str(plain), "--json", str(tmp_path / "s.json")])
+    assert json.loads((tmp_path / "s.json").read_text()) == s
+
+
 def _x(name, ts, dur, cat="cpu_op", **args):
     return {"ph": "X", "cat": cat, "name": name, "pid": 1, "tid": 1, "ts": ts, "dur": dur, "args": args}
 

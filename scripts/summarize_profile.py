@@ -6,7 +6,7 @@
 A trace may be gzipped (TRACE.json.gz).
 
 profile_summary.py says how the time is split. With GPU kernels in the trace it also lists them
-by launch shape (name, grid, block): calls, time in all and per call.
+by launch shape (name, grid, block): calls, time in all and per call, and each shape's advance.
 """
 import argparse
 import gzip
@@ -38,6 +38,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.json is not None and args.json.exists():
         raise SystemExit(f"error: {args.json} exists; give --json a new file name (it is never overwritten)")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise SystemExit(f"error: {args.json.parent} is not a folder; give --json a path in an existing folder")
     summaries = [summarize(load(t)) for t in args.traces]
     for t, s in zip(args.traces, summaries):
         print(f"{t}: {format_summary(s)}\n")
@@ -47,7 +49,10 @@ def main(argv=None) -> None:
         print(format_comparison([t.stem for t in args.traces], summaries))
     if args.json is not None:
         text = json.dumps({str(t): s for t, s in zip(args.traces, summaries)}, indent=1)
-        write_atomically(args.json, lambda tmp: tmp.write_text(text))
+        try:
+            write_atomically(args.json, lambda tmp: tmp.write_text(text))
+        except OSError as e:
+            raise SystemExit(f"error: cannot write {args.json} ({e.strerror}); give --json a path in an existing folder")
 
 
 if __name__ == "__main__":

@@ -291,6 +291,8 @@ def test_summarize_script_reads_gzipped_traces_and_never_overwrites(tmp_path, ca
     with pytest.raises(SystemExit, match="exists"):
         summarize_profile.main([str(plain), "--json", str(tmp_path / "s.json")])
     assert json.loads((tmp_path / "s.json").read_text()) == s
+    with pytest.raises(SystemExit, match="is not a folder"):
+        summarize_profile.main([str(plain), "--json", str(tmp_path / "no_such_folder" / "u.json")])
 
 
 def _x(name, ts, dur, cat="cpu_op", **args):

@@ -27,6 +27,8 @@ def load(path: Path) -> dict:
             return json.load(f)
     except FileNotFoundError:
         raise SystemExit(f"error: {path} not found; make one with `python generate.py ... --profile NAME`")
+    except IsADirectoryError:
+        raise SystemExit(f"error: {path} is a folder; pass the trace file in it (TRACE.json or TRACE.json.gz)")
     except (json.JSONDecodeError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
         raise SystemExit(f"error: {path} is not a JSON trace ({e}); was the profiled run interrupted?")
 

@@ -288,6 +288,8 @@ def test_summarize_script_reads_gzipped_traces_and_never_overwrites(tmp_path, ca
     (tmp_path / "junk.bin").write_bytes(bytes(range(256)))
     with pytest.raises(SystemExit, match="is not a JSON trace"):
         summarize_profile.main([str(tmp_path / "junk.bin")])
+    with pytest.raises(SystemExit, match="is a folder"):
+        summarize_profile.main([str(tmp_path)])
     with pytest.raises(SystemExit, match="exists"):
         summarize_profile.main([str(plain), "--json", str(tmp_path / "s.json")])
     assert json.loads((tmp_path / "s.json").read_text()) == s

@@ -64,9 +64,19 @@ def resolve_checkpoint(path: Optional[Path]) -> Path:
     if path.is_dir():
         path = path / "model.pth"
     if not path.exists():
-        raise UserError(f"checkpoint {path} not found; make it with `python -m scripts.convert_hf_checkpoint "
-                        f"--checkpoint_dir {path.parent}` (or omit --checkpoint_path for the default model)")
+        raise UserError(f"checkpoint {path} not found; make it with `{remake_command(path)}` "
+                        f"(or omit --checkpoint_path for the default model)")
     return path
+
+
+def remake_command(checkpoint: Path) -> str:
+    """The command that makes this checkpoint file: scripts.quantize for a `<stem>_<format>.pth` it
+    writes (from the `<stem>.pth` beside it), else the one that makes its folder."""
+    stem, _, weight_format = checkpoint.stem.rpartition("_")
+    if stem and weight_format in WEIGHT_FORMATS:
+        return (f"python -m scripts.quantize --checkpoint_path {checkpoint.with_name(stem + '.pth')} "
+                f"--mode {weight_format}")
+    return make_command(checkpoint.parent)
 
 
 def load_model(checkpoint: Path, device: str, dtype: torch.dtype, model_name: Optional[str] = None,
@@ -89,7 +99,7 @@ def load_model(checkpoint: Path, device: str, dtype: torch.dtype, model_name: Op
     mismatch = state_dict_mismatch(model, state)
     if mismatch:
         raise UserError(f"{checkpoint} does not fit preset '{model_name or checkpoint.parent.name}' ({mismatch}); "
-                        f"pass the right --model_name, or re-create the checkpoint with `{make_command(checkpoint.parent)}`")
+                        f"pass the right --model_name, or re-create the checkpoint with `{remake_command(checkpoint)}`")
     model.load_state_dict(state, assign=True)
     if tp.world_size() > 1:  # each rank copies only its slices out of the memory-mapped file
         try:

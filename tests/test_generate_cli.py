@@ -124,6 +124,13 @@ def test_missing_checkpoint(tmp_path):
     assert_one_line_error(cli("--checkpoint_path", str(tmp_path / "nope" / "model.pth")), "not found", "convert_hf_checkpoint")
 
 
+def test_missing_quantized_checkpoint_names_the_quantize_command(tmp_path):
+    """A missing model_int8.pth is made by scripts.quantize from the model.pth beside it, not by a download."""
+    missing = tmp_path / "nope" / "model_int8.pth"
+    assert_one_line_error(cli("--checkpoint_path", str(missing)), "not found",
+                          f"python -m scripts.quantize --checkpoint_path {missing.with_name('model.pth')} --mode int8")
+
+
 def test_unknown_model_name(tmp_path):
     folder = tmp_path / "my-model"
     folder.mkdir()

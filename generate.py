@@ -27,7 +27,7 @@ from kv_cache import full_cache_nbytes
 from model import ModelArgs, Transformer
 from strategies import STRATEGIES, cache_factory, check_settings, strategy_settings
 from tokenizer import CheckpointFileError, make_command
-from weight_quant import FORMAT_KEY, WEIGHT_FORMATS, use_int8_linears
+from weight_quant import FORMAT_KEY, WEIGHT_FORMATS, quantized_source, use_int8_linears
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -72,10 +72,9 @@ def resolve_checkpoint(path: Optional[Path]) -> Path:
 def remake_command(checkpoint: Path) -> str:
     """The command that makes this checkpoint file: scripts.quantize for a `<stem>_<format>.pth` it
     writes (from the `<stem>.pth` beside it), else the one that makes its folder."""
-    stem, _, weight_format = checkpoint.stem.rpartition("_")
-    if stem and weight_format in WEIGHT_FORMATS:
-        return (f"python -m scripts.quantize --checkpoint_path {checkpoint.with_name(stem + '.pth')} "
-                f"--mode {weight_format}")
+    source = quantized_source(checkpoint)
+    if source is not None:
+        return f"python -m scripts.quantize --checkpoint_path {source[0]} --mode {source[1]}"
     return make_command(checkpoint.parent)
 
 

@@ -10,6 +10,9 @@ element: y = (x @ codes^T) * scale (linear_op.linear). On the GPU the Triton ker
 (linear_kernels.py) reads the codes and converts them in registers: no dequantized copy of the
 weights exists in memory.
 """
+from pathlib import Path
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -20,6 +23,20 @@ FORMAT_KEY = "weight_format"
 INT8_MAX = 127
 # The linear layers that are quantized, by their name inside a block; plus an untied `output`.
 BLOCK_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+def quantized_path(source: Path, weight_format: str) -> Path:
+    """Where scripts.quantize writes `source` in `weight_format` by default: model.pth -> model_int8.pth."""
+    return source.with_name(f"{source.stem}_{weight_format}.pth")
+
+
+def quantized_source(path: Path) -> Optional[tuple[Path, str]]:
+    """The (source checkpoint, weight format) whose default output `path` is, or None if its name is
+    not one scripts.quantize writes."""
+    stem, _, weight_format = path.stem.rpartition("_")
+    if stem and weight_format in WEIGHT_FORMATS:
+        return path.with_name(f"{stem}.pth"), weight_format
+    return None
 
 
 def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 
 from atomic_write import write_atomically
 from generate import Parser, UserError, read_state_dict
-from weight_quant import FORMAT_KEY, WEIGHT_FORMATS, quantize_state_dict
+from weight_quant import FORMAT_KEY, WEIGHT_FORMATS, quantize_state_dict, quantized_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> Path:
     checkpoint = args.checkpoint_path / "model.pth" if args.checkpoint_path.is_dir() else args.checkpoint_path
     if not checkpoint.is_file():
         raise UserError(f"checkpoint {checkpoint} not found; pass the model.pth to quantize")
-    out = args.out or checkpoint.with_name(f"{checkpoint.stem}_{args.mode}.pth")
+    out = args.out or quantized_path(checkpoint, args.mode)
     if out.resolve() == checkpoint.resolve() or out.exists():
         raise UserError(f"{out} exists; pass another --out (nothing is overwritten)")
     try:

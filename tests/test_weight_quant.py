@@ -127,3 +127,12 @@ def test_unknown_mode_is_refused(capsys):
     with pytest.raises(SystemExit):
         quantize_script.main(["--checkpoint_path", "x.pth", "--mode", "int3"])
     assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_quantized_name_round_trips(tmp_path):
+    """generate.py's hint for a missing quantized file must name the source scripts.quantize reads."""
+    source = tmp_path / "my_model.pth"
+    assert wq.quantized_path(source, "int8") == tmp_path / "my_model_int8.pth"
+    assert wq.quantized_source(wq.quantized_path(source, "int8")) == (source, "int8")
+    assert wq.quantized_source(source) is None  # "_model" is no weight format
+    assert wq.quantized_source(tmp_path / "model.pth") is None
